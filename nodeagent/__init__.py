@@ -1,0 +1,1 @@
+"""gridckpt node agent: launches units as process trees and drives their checkpointers."""

@@ -1,0 +1,1 @@
+"""Checkpointer backends behind the common checkpointer API."""

@@ -1,0 +1,362 @@
+"""The ``app`` checkpointer: programs that save and restore their own state.
+
+The agent listens on a Unix stream socket, one per unit, named in the unit's environment as
+``GRIDCKPT_APP_SOCKET``; the program connects to it (``nodeagent.appclient`` in Python, a few
+lines of code in any other language).  The protocol is text, one request or answer per line:
+
+Line protocol (version 1)
+-------------------------
+* UTF-8 lines ended by ``\\n``; words separated by one space; the last field of a line (a
+  path) runs to the end of the line and may contain spaces.  Lines are at most 64 KiB.
+* program -> agent, once, on connect: ``HELLO <pid> [<version>]``; agent answers ``WELCOME 1``.
+* then the agent sends requests and the program answers each, in order, one at a time:
+
+  ==============================  ====================================================
+  agent sends                     program answers (``ERROR <reason>`` on failure)
+  ==============================  ====================================================
+  ``PRE_CHECKPOINT <id>``         ``OK``    in-process pre-checkpoint hook
+  ``CHECKPOINT <id> <dir>``       ``DONE``  state files written into ``<dir>``; the
+                                            program is now *quiesced* (see below)
+  ``RESUME <id>``                 ``OK``    leave quiescence, carry on
+  ``POST_CHECKPOINT <id>``        ``OK``    in-process post-checkpoint hook
+  ``ABORT <id>``                  ``OK``    checkpoint abandoned; leave quiescence
+  ``RESTART <dir>``               ``OK``    in-process restart hook, after a restart
+  ``PING``                        ``PONG``
+  ==============================  ====================================================
+
+  An unknown request is answered ``ERROR unknown request <WORD>``.  Every request has a
+  deadline (``timeout``, 30 s by default); no answer in time fails the stage, which aborts the
+  checkpoint.  A program may open several connections (one per process of its tree); then
+  every request goes to every connection and all must answer.
+* On restart the agent starts the unit's command afresh with ``GRIDCKPT_RESTORE=<dir>`` (the
+  committed images directory, read-only: copy what you want to change) in the environment,
+  and sends ``RESTART <dir>`` once the program has said HELLO.
+
+When the state is taken (the consistent cut)
+--------------------------------------------
+The program saves its state at **prepare**, while it still runs and can answer; the agent
+does not freeze first, since a frozen program cannot write anything.  From ``DONE`` until
+``RESUME``/``ABORT`` the program is quiesced: it must not send application messages nor
+change the state it saved (``AppClient.safe_point()`` blocks there).  **stop** then freezes
+the tree like for every backend, and **checkpoint** only checks and lists what the program
+wrote.  Because no unit sends anything after its save until every unit of the job has saved
+(``resume_cp`` comes after the job-wide barrier), no message can be received before one
+unit's save yet sent after another's: the cut across units is consistent.  Bytes in flight
+at the cut are the in-transit-data issue's concern (the shim's channel flush), not this one's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nodeagent.checkpointers.base import (Capabilities, CheckpointError, Checkpointer,
+                                          LaunchPlan, RestoreRefused, UnitProcess)
+
+PROTOCOL_VERSION = 1
+MAX_LINE = 65536
+_SUN_PATH_MAX = 100
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])   # where `import nodeagent` works
+
+
+def socket_path_for(unit: UnitProcess) -> str:
+    """``<unit dir>/app.sock``, or a short path under /run or /tmp when that is too long."""
+    path = str(Path(unit.unit_dir) / "app.sock")
+    if len(path.encode()) <= _SUN_PATH_MAX:
+        return path
+    digest = hashlib.sha1(f"{unit.unit_dir}".encode()).hexdigest()[:16]
+    for base in ("/run/gridckpt", os.path.join(tempfile.gettempdir(), f"gridckpt-{os.getuid()}")):
+        try:
+            os.makedirs(base, mode=0o700, exist_ok=True)
+            if os.access(base, os.W_OK):
+                return os.path.join(base, f"app-{digest}.sock")
+        except OSError:
+            continue
+    raise CheckpointError(f"no short enough directory for the app socket of {unit.name}")
+
+
+class _Conn:
+    """One program connection: a reader task routes answers to the pending request."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pid: int):
+        self.reader, self.writer, self.pid = reader, writer, pid
+        self.pending: asyncio.Future | None = None
+        self.closed = asyncio.Event()
+        self.lock = asyncio.Lock()
+
+    async def pump(self) -> None:
+        try:
+            while True:
+                line = await self.reader.readline()
+                if not line or not line.endswith(b"\n"):
+                    break
+                text = line.decode(errors="replace").rstrip("\n")
+                if text == "BYE":
+                    break
+                if self.pending is not None and not self.pending.done():
+                    self.pending.set_result(text)
+                # anything unsolicited is ignored (forward compatibility)
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            pass
+        finally:
+            self.closed.set()
+            if self.pending is not None and not self.pending.done():
+                self.pending.set_exception(CheckpointError(
+                    f"program pid {self.pid} closed its checkpoint connection"))
+            self.writer.close()
+
+    async def request(self, line: str, timeout: float) -> str:
+        async with self.lock:
+            if self.closed.is_set():
+                raise CheckpointError(f"program pid {self.pid} closed its checkpoint connection")
+            self.pending = asyncio.get_running_loop().create_future()
+            try:
+                self.writer.write(line.encode() + b"\n")
+                await self.writer.drain()
+                return await asyncio.wait_for(self.pending, timeout)
+            except asyncio.TimeoutError:
+                word = line.split(" ", 1)[0]
+                raise CheckpointError(f"program pid {self.pid} did not answer {word} "
+                                      f"within {timeout:g} s") from None
+            except ConnectionError as e:
+                raise CheckpointError(f"program pid {self.pid}: connection lost ({e})") from None
+            finally:
+                self.pending = None
+
+
+@dataclass
+class _Session:
+    """The listening socket of one unit and the programs connected to it."""
+
+    path: str
+    sock: socket.socket
+    server: asyncio.base_events.Server | None = None
+    conns: list[_Conn] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: set = field(default_factory=set)
+
+    async def start(self) -> None:
+        if self.server is None:
+            self.server = await asyncio.start_unix_server(self._accept, sock=self.sock,
+                                                          limit=MAX_LINE)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+        except (asyncio.TimeoutError, ConnectionError, ValueError, asyncio.LimitOverrunError):
+            writer.close()
+            return
+        words = line.decode(errors="replace").split()
+        if len(words) < 2 or words[0] != "HELLO" or not words[1].isdigit():
+            writer.write(b"ERROR expected HELLO <pid>\n")
+            writer.close()
+            return
+        writer.write(f"WELCOME {PROTOCOL_VERSION}\n".encode())
+        conn = _Conn(reader, writer, int(words[1]))
+        self.conns.append(conn)
+        self.changed.set()
+        task = asyncio.get_running_loop().create_task(conn.pump())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        await conn.closed.wait()
+        if conn in self.conns:
+            self.conns.remove(conn)
+
+    def live(self) -> list[_Conn]:
+        return [c for c in self.conns if not c.closed.is_set()]
+
+    async def wait_connected(self, timeout: float, unit: str) -> list[_Conn]:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.live():
+            self.changed.clear()
+            left = deadline - loop.time()
+            if left <= 0:
+                raise CheckpointError(f"unit {unit}: the program never connected to "
+                                      f"GRIDCKPT_APP_SOCKET within {timeout:g} s")
+            try:
+                await asyncio.wait_for(self.changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+        return self.live()
+
+    async def request_all(self, line: str, expect: str, timeout: float, unit: str) -> None:
+        conns = await self.wait_connected(timeout, unit)
+        answers = await asyncio.gather(*(c.request(line, timeout) for c in conns),
+                                       return_exceptions=True)
+        word = line.split(" ", 1)[0]
+        for conn, ans in zip(conns, answers):
+            if isinstance(ans, BaseException):
+                if isinstance(ans, CheckpointError):
+                    raise ans
+                raise CheckpointError(f"unit {unit}: {word} failed: {ans}")
+            if ans != expect:
+                reason = ans[6:] if ans.startswith("ERROR ") else f"unexpected answer {ans[:80]!r}"
+                raise CheckpointError(f"unit {unit}: program pid {conn.pid} refused {word}: {reason}")
+
+    async def close(self) -> None:
+        for c in self.conns:
+            c.writer.close()
+        if self.server is not None:
+            self.server.close()
+        else:
+            self.sock.close()
+        for t in list(self.tasks):
+            t.cancel()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+class AppCheckpointer(Checkpointer):
+    """Application-level checkpointing over the line protocol above."""
+
+    name = "app"
+    capabilities = Capabilities(coordinated=True, independent=True, incremental=False,
+                                migration=True, live_tcp=False)
+
+    def __init__(self, timeout: float = 30.0, connect_timeout: float = 30.0):
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._sessions: dict[tuple[str, str], _Session] = {}
+
+    # -- launching ---------------------------------------------------------------------
+    def plan_launch(self, unit: UnitProcess, argv: list[str]) -> LaunchPlan:
+        """Open the unit's socket and pass its path (and the client's import path) on."""
+        self._drop_session(unit)
+        path = socket_path_for(unit)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            os.chmod(path, 0o600)
+            sock.listen(64)
+            sock.setblocking(False)
+        except OSError as e:
+            sock.close()
+            raise CheckpointError(f"unit {unit.name}: cannot listen on {path}: {e.strerror}") from None
+        session = _Session(path=path, sock=sock)
+        self._sessions[(unit.job, unit.name)] = session
+        try:
+            loop = asyncio.get_running_loop()
+            task = loop.create_task(session.start())
+            session.tasks.add(task)
+            task.add_done_callback(session.tasks.discard)
+        except RuntimeError:
+            pass    # no loop yet: started by the first stage that needs it
+        pythonpath = os.pathsep.join(p for p in (_PACKAGE_ROOT, unit.env.get("PYTHONPATH", "")) if p)
+        return LaunchPlan(argv=list(argv), env={"GRIDCKPT_APP_SOCKET": path,
+                                                "PYTHONPATH": pythonpath})
+
+    def _session(self, unit: UnitProcess) -> _Session:
+        s = self._sessions.get((unit.job, unit.name))
+        if s is None:
+            raise CheckpointError(f"unit {unit.name} was not launched by the app checkpointer "
+                                  "on this agent")
+        return s
+
+    def _drop_session(self, unit: UnitProcess) -> None:
+        s = self._sessions.pop((unit.job, unit.name), None)
+        if s is not None:
+            for c in s.conns:
+                c.writer.close()
+            if s.server is not None:
+                s.server.close()
+            else:
+                s.sock.close()
+            for t in list(s.tasks):
+                t.cancel()
+
+    async def release(self, unit: UnitProcess) -> None:
+        """The unit is gone for good: close its socket."""
+        s = self._sessions.pop((unit.job, unit.name), None)
+        if s is not None:
+            await s.close()
+
+    def connected_pids(self, unit: UnitProcess) -> list[int]:
+        s = self._sessions.get((unit.job, unit.name))
+        return [c.pid for c in s.live()] if s else []
+
+    # -- checkpoint --------------------------------------------------------------------
+    @staticmethod
+    def _ckpt_id(unit: UnitProcess, images: Path) -> str:
+        return str(getattr(unit, "checkpoint_id", None) or Path(images).name)
+
+    async def prepare(self, unit: UnitProcess, images: Path) -> None:
+        """Pre-checkpoint hook, then the program saves its state into ``images`` and quiesces."""
+        s = self._session(unit)
+        cid = self._ckpt_id(unit, images)
+        await s.wait_connected(self.connect_timeout, unit.name)
+        await s.request_all(f"PRE_CHECKPOINT {cid}", "OK", self.timeout, unit.name)
+        await s.request_all(f"CHECKPOINT {cid} {images}", "DONE", self.timeout, unit.name)
+
+    async def checkpoint(self, unit: UnitProcess, images: Path) -> None:
+        """The state was written at prepare; check it is there."""
+        images = Path(images)
+        if not images.is_dir():
+            raise CheckpointError(f"unit {unit.name}: images directory {images} is missing")
+        files = [p for p in images.rglob("*") if p.is_file() and p.name != "manifest.json"]
+        if not files:
+            raise CheckpointError(f"unit {unit.name}: the program wrote no state into {images}")
+
+    async def resume_cp(self, unit: UnitProcess) -> None:
+        """Leave quiescence, then the post-checkpoint hook."""
+        s = self._session(unit)
+        cid = str(getattr(unit, "checkpoint_id", "") or "-")
+        await s.request_all(f"RESUME {cid}", "OK", self.timeout, unit.name)
+        await s.request_all(f"POST_CHECKPOINT {cid}", "OK", self.timeout, unit.name)
+
+    async def abort(self, unit: UnitProcess, images: Path) -> None:
+        """Tell the program to forget the checkpoint (best effort: it may be the failure)."""
+        s = self._sessions.get((unit.job, unit.name))
+        if s is None or not s.live():
+            return
+        try:
+            await s.request_all(f"ABORT {self._ckpt_id(unit, images)}", "OK",
+                                min(self.timeout, 5.0), unit.name)
+        except CheckpointError:
+            pass
+
+    # -- restart -----------------------------------------------------------------------
+    async def check_restorable(self, images: Path, manifest: dict[str, Any]) -> None:
+        """Any node can restart an app checkpoint; only the files must be there."""
+        if not Path(images).is_dir():
+            raise RestoreRefused(f"images directory {images} does not exist")
+        if manifest.get("checkpointer", "app") != "app":
+            raise RestoreRefused(f"images in {images} were written by the "
+                                 f"{manifest.get('checkpointer')!r} checkpointer, not 'app'")
+
+    async def rebuild(self, unit: UnitProcess, images: Path) -> None:
+        """Start the command afresh with GRIDCKPT_RESTORE=<images>, stopped before it execs."""
+        launch = getattr(unit, "launch", None)
+        if launch is None:
+            raise CheckpointError(f"unit {unit.name}: the app checkpointer needs a launchable unit")
+        argv = unit.spec.get("command")
+        if not argv:
+            raise CheckpointError(f"unit {unit.name}: no command to restart")
+        plan = self.plan_launch(unit, list(argv))
+        plan.env["GRIDCKPT_RESTORE"] = str(images)
+        await launch(plan, stopped=True)
+        unit.restore_images = str(images)   # type: ignore[attr-defined]
+
+    async def resume_rst(self, unit: UnitProcess) -> None:
+        """Let the program run, wait for its HELLO and send RESTART <images>."""
+        thaw = getattr(unit, "thaw", None)
+        if thaw is not None:
+            await thaw()
+        s = self._session(unit)
+        images = getattr(unit, "restore_images", None) or unit.env.get("GRIDCKPT_RESTORE", "")
+        await s.request_all(f"RESTART {images}", "OK", self.connect_timeout, unit.name)
+

@@ -1,0 +1,112 @@
+"""The common checkpointer API (the "translation library").
+
+A unit is driven through the stages of DESIGN.md section 2.  The node agent owns the
+stage order, the freezer (stop / thaw), the manifest and the callbacks that are job-file
+commands; a backend owns what only it knows: how to start a unit so that it can later be
+checkpointed, how to write its images, and how to rebuild it from them.
+
+Stage calls, for a checkpoint with images directory ``images``::
+
+    prepare(unit, images)      unit running; backend gets ready (app: tell the program)
+    <agent freezes the tree>   (stop)
+    checkpoint(unit, images)   unit frozen; write every image file into ``images``
+    resume_cp(unit)            after the agent thawed the tree
+    abort(unit, images)        instead of the rest, after any failure; unit must run on
+
+and for a restart::
+
+    check_restorable(images, manifest)   raise RestoreRefused(reason) if this node cannot
+    rebuild(unit, images)      restore the tree, still frozen/stopped; sets unit.root_pid
+    resume_rst(unit)           let it run
+
+All methods are coroutines; blocking work (CRIU, file I/O) runs in subprocesses or threads.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+
+class CheckpointError(RuntimeError):
+    """A stage failed; the text is a one-line reason shown to the user."""
+
+
+class RestoreRefused(CheckpointError):
+    """This node cannot restore the given images (CPU, binaries, missing files...)."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do; reported by agents at registration."""
+
+    coordinated: bool = True
+    independent: bool = False
+    incremental: bool = False
+    migration: bool = False
+    live_tcp: bool = False
+
+    def as_dict(self) -> dict[str, bool]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class LaunchPlan:
+    """How to start a unit fresh: the argv actually executed, extra env, and notes."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    new_pid_namespace: bool = False
+
+
+class UnitProcess(Protocol):
+    """What a backend may rely on about a unit (implemented by nodeagent.units.Unit)."""
+
+    job: str
+    name: str
+    spec: dict[str, Any]          # the validated unit table of the job file
+    unit_dir: Path                # <store>/jobs/<job>/units/<unit>
+    root_pid: int | None          # the root of the unit's process tree
+    freezer_path: str | None      # cgroup v1 freezer directory, if the unit has one
+    env: dict[str, str]           # the environment the unit runs with
+
+    def pids(self) -> list[int]:
+        """Every live pid of the tree (zombies excluded)."""
+        ...
+
+
+class Checkpointer(abc.ABC):
+    """One checkpointing backend."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    @abc.abstractmethod
+    def plan_launch(self, unit: UnitProcess, argv: list[str]) -> LaunchPlan:
+        """Wrap the job file's command so the started tree can be checkpointed."""
+
+    async def prepare(self, unit: UnitProcess, images: Path) -> None:
+        """Get ready to checkpoint (the unit still runs)."""
+
+    @abc.abstractmethod
+    async def checkpoint(self, unit: UnitProcess, images: Path) -> None:
+        """Write the frozen unit's images into ``images``."""
+
+    async def resume_cp(self, unit: UnitProcess) -> None:
+        """The unit was thawed after a committed checkpoint stage."""
+
+    async def abort(self, unit: UnitProcess, images: Path) -> None:
+        """Forget a checkpoint in progress; the unit keeps running."""
+
+    async def check_restorable(self, images: Path, manifest: dict[str, Any]) -> None:
+        """Raise RestoreRefused if this node cannot restore these images."""
+
+    @abc.abstractmethod
+    async def rebuild(self, unit: UnitProcess, images: Path) -> None:
+        """Restore the unit from ``images``, leaving it frozen or stopped; set unit.root_pid."""
+
+    @abc.abstractmethod
+    async def resume_rst(self, unit: UnitProcess) -> None:
+        """Let a rebuilt unit run."""

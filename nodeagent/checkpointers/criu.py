@@ -1,0 +1,318 @@
+"""The CRIU backend: a unit's whole process tree, checkpointed and restored by CRIU 4.x.
+
+CLI, not RPC (``criu swrk``).  CRIU 4.1's command line has every option this backend
+needs: ``dump --leave-running --freeze-cgroup`` (dump a tree the agent already froze),
+``restore --restore-detached --restore-sibling --leave-stopped`` (the restored root becomes
+a child of the caller, exactly what ``swrk`` with ``rst_sibling`` gives runc, and stays
+stopped until resume_rst) and ``cpuinfo dump/check``.  Both ways start one criu process per
+operation, so RPC would not be faster; the CLI needs no protobuf encoder of rpc.proto to
+maintain, every call can be replayed by hand from the logged argv, and the benchmark's
+baseline is this very CLI, so the comparison measures only what the backend adds.
+
+Launch.  ``plan_launch`` runs the command as ``unshare --pid --fork --kill-child setsid CMD``:
+CMD is the init (pid 1) of its own PID namespace and leads its own session, so CRIU dumps a
+self-contained tree (session and process group inside it) and a restore recreates the PID
+namespace: restored pids never clash with live ones, two restores of one image can run side
+by side.  No mount namespace (CRIU would then have to handle mounts).  ``--kill-child`` makes
+the unit die with its ``unshare`` parent.  CRIU restores that parent-death signal, and after
+a restore the parent is the agent: a restored unit dies with the agent process, and the
+restore must run on a long-lived thread (criu is spawned by the event loop's thread, which
+lives as long as the agent).
+
+Checkpoint (the tree is frozen by the agent).  Concurrently: ``criu dump`` of the namespace
+init; a scan of /proc recording every regular file the tree holds open (size, whether it is
+written, with O_APPEND or in place) and every file mapped into it (the program, libraries, an
+LD_PRELOADed shim: path, size, mtime, sha256 cached per inode); this node's CPU description
+(``criu cpuinfo dump``, cached per boot) copied as cpuinfo.img.  The scan is written to
+``gridckpt-criu.json`` in the images directory.
+
+Consistent restart.  File contents are not in a CRIU image, so a restarted tree must find the
+files it writes as they were at the checkpoint.  Appending writers (stdout/stderr redirected to
+files, logs, output files written sequentially: every writing descriptor is O_APPEND or sits
+at the end of the file) are rolled back by truncating to the checkpointed size; writers that
+seeked back (in-place updates) and writable shared mappings get a copy of the file in the
+images (``gridckpt-files/``, up to ``snapshot_limit`` bytes) which is copied back at restart.
+Read-only files must be unchanged (CRIU refuses sizes that differ).  This covers every regular
+file the tree holds open at the checkpoint, in the unit dir or not; files written and closed
+before the checkpoint are not tracked.  The old tree must be dead before a restart (the agent
+kills it), or the rollback would cut under it.
+
+Restart.  check_restorable refuses, naming what differs: a CPU lacking features
+(cpuinfo.img compared with this node's, ``criu cpuinfo check`` when they differ), a mapped
+file that is missing or has another content (size+mtime equal, else sha256 compared), an open
+file that is missing, shrank, or (read-only) changed size.  rebuild rolls files back and
+restores with ``--restore-sibling --leave-stopped``: the tree is a child of the agent, stopped;
+unit.root_pid is the restored init's pid in the agent's PID namespace.  A pidfd watcher reaps
+it when it exits (its status via ``exit_code``/``wait_exit``; psutil then sees no process).
+resume_rst sends SIGCONT to every process of the tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .base import (Capabilities, Checkpointer, CheckpointError, LaunchPlan, RestoreRefused,
+                   UnitProcess)
+from .criu_cli import CriuRunner
+from .criu_inspect import Sha256Cache, TreeFiles, copy_file, inspect_tree, ns_pids, tree_pids
+
+META_FILE = "gridckpt-criu.json"
+SNAPSHOT_DIR = "gridckpt-files"
+CPUINFO_FILE = "cpuinfo.img"
+META_VERSION = 1
+
+_UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"
+_SETSID = shutil.which("setsid") or "/usr/bin/setsid"
+_COMMON = ["--manage-cgroups=ignore", "--file-locks"]
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+class CriuCheckpointer(Checkpointer):
+    """Checkpoint/restart of a unit's process tree with CRIU (see the module docstring)."""
+
+    name = "criu"
+    capabilities = Capabilities(coordinated=True, independent=True, incremental=False,
+                                migration=True, live_tcp=False)
+
+    def __init__(self, criu: str | None = None, work_dir: Path | None = None, *,
+                 snapshot_limit: int = 64 << 20, log_level: int = 2) -> None:
+        """``criu``: executable; ``work_dir``: node-local directory for criu logs."""
+        self.runner = CriuRunner(criu, work_dir, log_level)
+        self.snapshot_limit = snapshot_limit
+        self._hashes = Sha256Cache()
+        self._cpuinfo: bytes | None = None
+        self._init_of: dict[int, int] = {}        # unit root (unshare) -> namespace init
+        self._verified: dict[Path, int] = {}      # images -> meta mtime that passed checks
+        self._tree_size: dict[int, int] = {}      # restored root -> processes in its image
+        self._exits: dict[int, asyncio.Future[int | None]] = {}
+
+    # ----------------------------------------------------------------- launch
+    def plan_launch(self, unit: UnitProcess, argv: list[str]) -> LaunchPlan:
+        if not argv:
+            raise CheckpointError(f"unit {unit.name}: empty command")
+        return LaunchPlan(argv=[_UNSHARE, "--pid", "--fork", "--kill-child", _SETSID, *argv],
+                          new_pid_namespace=True)
+
+    # ------------------------------------------------------------- checkpoint
+    async def prepare(self, unit: UnitProcess, images: Path) -> None:
+        await self._node_cpuinfo()
+
+    async def checkpoint(self, unit: UnitProcess, images: Path) -> None:
+        images = Path(images)
+        images.mkdir(parents=True, exist_ok=True)
+        root = self._dump_root(unit)
+        args = ["dump", "-t", str(root), "-D", str(images), "--leave-running", *_COMMON]
+        if unit.freezer_path and os.path.isdir(unit.freezer_path):
+            args += ["--freeze-cgroup", unit.freezer_path]
+        log = f"dump-{_safe(unit.job)}-{_safe(unit.name)}.log"
+        results = await asyncio.gather(
+            self.runner.run(f"criu dump of unit {unit.name}", args, log),
+            asyncio.to_thread(self._scan, root, images),
+            self._node_cpuinfo(),
+            return_exceptions=True)
+        for result in results:
+            if isinstance(result, CheckpointError):
+                raise result
+            if isinstance(result, BaseException):
+                raise CheckpointError(f"checkpoint of unit {unit.name} failed: {result}") from result
+        tree: TreeFiles = results[1]  # type: ignore[assignment]
+        cpuinfo: bytes = results[2]   # type: ignore[assignment]
+        meta = {"version": META_VERSION, "node": os.uname().nodename, "root_pid": root,
+                "criu": self.runner.criu, **tree.as_dict()}
+        await asyncio.to_thread(self._write_meta, images, meta, cpuinfo)
+
+    def _dump_root(self, unit: UnitProcess) -> int:
+        """The init of the unit's PID namespace (a child of ``unshare``, or the root itself)."""
+        root = unit.root_pid
+        if root is None:
+            raise CheckpointError(f"unit {unit.name} has no running process")
+        try:
+            if ns_pids(root)[-1] == 1:
+                return root
+            init = self._init_of.get(root)
+            if init is None or not os.path.exists(f"/proc/{init}"):
+                children = [p for p in tree_pids(root)[1:] if ns_pids(p)[-1] == 1]
+                init = children[0] if children else root
+                self._init_of[root] = init
+            return init
+        except (OSError, ValueError, IndexError):
+            raise CheckpointError(f"unit {unit.name}: process {root} is gone") from None
+
+    def _scan(self, root: int, images: Path) -> TreeFiles:
+        tree = inspect_tree(root, self._hashes)
+        for i, entry in enumerate(tree.files.values()):
+            if entry.needs_copy() and entry.size <= self.snapshot_limit:
+                entry.snapshot = f"{SNAPSHOT_DIR}/{i}"
+                copy_file(entry.path, images / entry.snapshot)
+        return tree
+
+    @staticmethod
+    def _write_meta(images: Path, meta: dict[str, Any], cpuinfo: bytes) -> None:
+        (images / CPUINFO_FILE).write_bytes(cpuinfo)
+        part = images / (META_FILE + ".part")
+        part.write_text(json.dumps(meta, indent=1))
+        os.replace(part, images / META_FILE)
+
+    async def _node_cpuinfo(self) -> bytes:
+        if self._cpuinfo is None:
+            self._cpuinfo = await self.runner.node_cpuinfo()
+        return self._cpuinfo
+
+    # ---------------------------------------------------------------- restart
+    async def check_restorable(self, images: Path, manifest: dict[str, Any] | None = None) -> None:
+        images = Path(images)
+        meta, stamp = await asyncio.to_thread(_load_meta, images)
+        problems = await asyncio.to_thread(self._file_problems, meta, images)
+        problems += await self._cpu_problems(images)
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise RestoreRefused(f"cannot restore {images} on this node: {shown}")
+        self._verified[images] = stamp
+
+    async def _cpu_problems(self, images: Path) -> list[str]:
+        try:
+            wanted = (images / CPUINFO_FILE).read_bytes()
+        except OSError:
+            return [f"{CPUINFO_FILE} is missing from the images"]
+        if wanted == await self._node_cpuinfo():
+            return []
+        try:
+            await self.runner.run("criu cpuinfo check", ["cpuinfo", "check", "-D", str(images)],
+                                  f"cpuinfo-check-{uuid.uuid4().hex[:8]}.log")
+        except CheckpointError as e:
+            return [f"the CPU lacks what the checkpointed node had ({e})"]
+        return []
+
+    def _file_problems(self, meta: dict[str, Any], images: Path) -> list[str]:
+        problems = []
+        for m in meta["mapped"]:
+            try:
+                st = os.stat(m["path"])
+            except OSError:
+                problems.append(f"mapped file {m['path']} is missing")
+                continue
+            if st.st_size == m["size"] and st.st_mtime_ns == m["mtime_ns"]:
+                continue
+            if st.st_size != m["size"]:
+                problems.append(f"mapped file {m['path']} differs (size {st.st_size}, "
+                                f"checkpointed {m['size']})")
+            elif self._hashes.digest(m["path"], st) != m["sha256"]:
+                problems.append(f"mapped file {m['path']} differs (sha256)")
+        for f in meta["files"]:
+            path = f["path"]
+            if f.get("snapshot"):
+                if not (images / f["snapshot"]).is_file():
+                    problems.append(f"copy of {path} is missing from the images")
+                continue
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                problems.append(f"file {path} is missing")
+                continue
+            if f["write"] and size < f["size"]:
+                problems.append(f"file {path} shrank below its checkpointed size "
+                                f"({size} < {f['size']} bytes)")
+            elif not f["write"] and size != f["size"]:
+                problems.append(f"file {path} changed (size {size}, checkpointed {f['size']})")
+        return problems
+
+    async def rebuild(self, unit: UnitProcess, images: Path) -> None:
+        images = Path(images)
+        meta, stamp = await asyncio.to_thread(_load_meta, images)
+        if self._verified.get(images) != stamp:
+            await self.check_restorable(images, {})
+        await asyncio.to_thread(_roll_back_files, meta, images)
+        tag = f"{_safe(unit.job)}-{_safe(unit.name)}-{uuid.uuid4().hex[:8]}"
+        pidfile = self.runner.work_dir / f"restore-{tag}.pid"
+        await self.runner.run(
+            f"criu restore of unit {unit.name}",
+            ["restore", "-D", str(images), "--restore-detached", "--restore-sibling",
+             "--leave-stopped", "--pidfile", str(pidfile), *_COMMON],
+            f"restore-{tag}.log")
+        try:
+            pid = int(pidfile.read_text())
+        finally:
+            pidfile.unlink(missing_ok=True)
+        os.unlink(self.runner.log_path(f"restore-{tag}.log"))
+        unit.root_pid = pid
+        self._tree_size[pid] = len(meta["pids"])
+        self._watch(pid)
+
+    async def resume_rst(self, unit: UnitProcess) -> None:
+        root = unit.root_pid
+        if root is None:
+            raise CheckpointError(f"unit {unit.name} was not rebuilt")
+        pids = [root] if self._tree_size.get(root) == 1 else await asyncio.to_thread(tree_pids, root)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    # ------------------------------------------------------- restored processes
+    def _watch(self, pid: int) -> None:
+        """Reap the restored root (our child) when it exits, keeping its exit code."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[int | None] = loop.create_future()
+        self._exits[pid] = done
+        fd = os.pidfd_open(pid)
+
+        def exited() -> None:
+            try:
+                wpid, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                wpid, status = pid, None
+            if wpid == 0:
+                return
+            loop.remove_reader(fd)
+            os.close(fd)
+            if not done.done():
+                done.set_result(None if status is None else os.waitstatus_to_exitcode(status))
+
+        loop.add_reader(fd, exited)
+
+    def exit_code(self, pid: int) -> int | None:
+        """Exit code of a restored root that has exited (negative: killed by a signal)."""
+        done = self._exits.get(pid)
+        return done.result() if done is not None and done.done() else None
+
+    async def wait_exit(self, pid: int) -> int | None:
+        """Wait until a restored root exits; its exit code (None if reaped elsewhere)."""
+        return await asyncio.shield(self._exits[pid])
+
+
+def _load_meta(images: Path) -> tuple[dict[str, Any], int]:
+    path = images / META_FILE
+    try:
+        stamp = path.stat().st_mtime_ns
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RestoreRefused(f"{images} holds no criu checkpoint ({META_FILE} is missing)") from None
+    except (OSError, ValueError) as e:
+        raise RestoreRefused(f"{path} is unreadable: {e}") from None
+    if meta.get("version") != META_VERSION:
+        raise RestoreRefused(f"{path} has version {meta.get('version')}, expected {META_VERSION}")
+    return meta, stamp
+
+
+def _roll_back_files(meta: dict[str, Any], images: Path) -> None:
+    """Put the files the tree writes back to their checkpointed state."""
+    for f in meta["files"]:
+        if f.get("snapshot"):
+            copy_file(images / f["snapshot"], f["path"])
+        elif f["write"]:
+            try:
+                if os.stat(f["path"]).st_size > f["size"]:
+                    os.truncate(f["path"], f["size"])
+            except OSError as e:
+                raise CheckpointError(f"cannot roll back {f['path']}: {e.strerror}") from None

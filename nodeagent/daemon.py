@@ -1,0 +1,202 @@
+"""The node agent (job-unit checkpointer) daemon: one per node.
+
+It registers with the orchestrator, heartbeats with the state of its units, and executes the
+commands published to ``agent.<site>.<node>``: ``launch``, ``kill``, ``stage`` and ``ping``.
+Stages of one unit run one after the other; different units proceed in parallel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator import protocol
+from orchestrator.bus.base import Bus, BusError, Delivery
+from orchestrator.logs import event
+from orchestrator.store import Store
+
+from .checkpointers.base import CheckpointError
+from .checkpointers.registry import capabilities
+from .stages import UnitStageRunner
+from .units import Unit, become_subreaper
+
+log = logging.getLogger("gridckpt.agent")
+
+
+class NodeAgent:
+    """State and behaviour of one node agent (transport-agnostic)."""
+
+    def __init__(self, bus: Bus, store: Store, node: str, site: str = "default", *,
+                 heartbeat_interval: float = 1.0) -> None:
+        self.bus = bus
+        self.store = store
+        self.node = node
+        self.site = site
+        self.heartbeat_interval = heartbeat_interval
+        self.units: dict[tuple[str, str], Unit] = {}
+        self.runner = UnitStageRunner(store, node=node)
+        self._queues: dict[tuple[str, str], asyncio.Queue] = {}
+        self._workers: dict[tuple[str, str], asyncio.Task] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._consumer: Any = None
+        self._hb_task: asyncio.Task | None = None
+
+    @property
+    def queue_name(self) -> str:
+        return f"gridckpt.agent.{self.site}.{self.node}"
+
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Consume commands, register, start heartbeating."""
+        become_subreaper()
+        self._consumer = await self.bus.consume(self.queue_name, [protocol.agent_key(self.site, self.node)],
+                                                self._on_command, kind="exclusive", prefetch=256)
+        await self._emit(protocol.event_key(self.site, self.node), "register", node=self.node, site=self.site,
+                         pid=os.getpid(), hostname=socket.gethostname(), capabilities=capabilities(),
+                         store=str(self.store.root))
+        self._hb_task = asyncio.create_task(self._heartbeat_loop())
+        event(log, "agent started", node=self.node, site=self.site, broker=self.bus.url)
+
+    async def stop(self, *, kill_units: bool = False) -> None:
+        """Stop intake, finish in-flight stages, stop heartbeating (units keep running unless asked)."""
+        if self._consumer is not None:
+            await self._consumer.cancel()
+            self._consumer = None
+        for q in self._queues.values():
+            await q.join()
+        for t in list(self._workers.values()) + list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._workers.values(), *self._tasks, return_exceptions=True)
+        if self._hb_task:
+            self._hb_task.cancel()
+            await asyncio.gather(self._hb_task, return_exceptions=True)
+        if kill_units:
+            for unit in list(self.units.values()):
+                await unit.close()
+        event(log, "agent stopped", node=self.node)
+
+    async def _emit(self, key: str, type_: str, **fields: Any) -> None:
+        try:
+            await self.bus.publish(key, protocol.make(type_, **fields))
+        except BusError as exc:
+            event(log, "publish failed", logging.WARNING, type=type_, error=str(exc))
+
+    async def _heartbeat_loop(self) -> None:
+        key = protocol.heartbeat_key(self.site, self.node)
+        while True:
+            units = [self._unit_report(u) for u in self.units.values()]
+            await self._emit(key, "heartbeat", node=self.node, site=self.site, units=units,
+                             interval=self.heartbeat_interval)
+            await asyncio.sleep(self.heartbeat_interval)
+
+    def _unit_report(self, unit: Unit) -> dict[str, Any]:
+        st = unit.status()
+        rep = {"job": unit.job, "unit": unit.name, "state": st["state"], "nprocs": st["nprocs"],
+               "started": unit.started or 0.0}
+        for k in ("pid", "exit_code", "signal"):
+            if st.get(k) is not None:
+                rep[k] = st[k]
+        if st.get("detail"):
+            rep["detail"] = str(st["detail"])
+        return rep
+
+    async def _on_unit_state(self, unit: Unit) -> None:
+        await self._emit(protocol.event_key(self.site, self.node), "unit_event", node=self.node,
+                         **self._unit_report(unit))
+
+    # ----------------------------------------------------------------- commands
+    async def _on_command(self, msg: dict[str, Any], d: Delivery) -> None:
+        t = msg["type"]
+        if t == "ping":
+            await self._emit(protocol.event_key(self.site, self.node), "pong", node=self.node, ping=msg["id"],
+                             sent=msg.get("sent") or 0.0)
+            return
+        if t not in ("launch", "kill", "stage"):
+            event(log, "ignored command", logging.WARNING, type=t)
+            return
+        key = (msg["job"], msg["unit"])
+        q = self._queues.get(key)
+        if q is None:
+            q = self._queues[key] = asyncio.Queue()
+            self._workers[key] = asyncio.create_task(self._unit_worker(key, q))
+        q.put_nowait(msg)
+
+    async def _unit_worker(self, key: tuple[str, str], q: asyncio.Queue) -> None:
+        while True:
+            msg = await q.get()
+            try:
+                await self._execute(msg)
+            except Exception as exc:  # a bug must not kill the worker or the daemon
+                log.exception("command %s for %s/%s failed", msg["type"], *key)
+                event(log, "command failed", logging.ERROR, type=msg["type"], job=key[0], unit=key[1], error=str(exc))
+            finally:
+                q.task_done()
+
+    async def _execute(self, msg: dict[str, Any]) -> None:
+        t = msg["type"]
+        if t == "launch":
+            await self._launch(msg["job"], msg["unit"], msg["spec"])
+        elif t == "kill":
+            unit = self.units.get((msg["job"], msg["unit"]))
+            if unit is not None:
+                await unit.kill()
+            else:
+                await self._emit(protocol.event_key(self.site, self.node), "unit_event", node=self.node,
+                                 job=msg["job"], unit=msg["unit"], state="exited", detail="not running here")
+        else:
+            await self._stage(msg)
+
+    def _new_unit(self, job: str, name: str, spec: dict[str, Any]) -> Unit:
+        old = self.units.pop((job, name), None)
+        if old is not None and not old.ended:
+            raise CheckpointError(f"unit {name} is still running here (pid {old.root_pid})")
+        unit = Unit(job, name, spec, self.store.unit_dir(job, name), cwd=spec.get("cwd") or spec.get("base_dir") or None,
+                    on_state=self._on_unit_state)
+        self.units[(job, name)] = unit
+        return unit
+
+    async def _launch(self, job: str, name: str, spec: dict[str, Any]) -> None:
+        try:
+            unit = self._new_unit(job, name, spec)
+            backend = self.runner.backend(spec.get("checkpointer", "criu"))
+            plan = backend.plan_launch(unit, list(spec["command"]))
+            await unit.launch(plan)
+            event(log, "unit launched", job=job, unit=name, pid=unit.root_pid)
+        except (CheckpointError, OSError, KeyError) as exc:
+            event(log, "launch failed", logging.WARNING, job=job, unit=name, error=str(exc))
+            await self._emit(protocol.event_key(self.site, self.node), "unit_event", node=self.node, job=job,
+                             unit=name, state="failed", detail=f"launch failed: {exc}")
+
+    async def _stage(self, msg: dict[str, Any]) -> None:
+        job, name, stage, ckpt = msg["job"], msg["unit"], msg["stage"], msg["checkpoint"]
+        args = msg.get("args") or {}
+        t0 = time.perf_counter()
+        try:
+            unit = self.units.get((job, name))
+            if stage == "rebuild":
+                if unit is None or unit.ended:
+                    if "spec" not in args:
+                        raise CheckpointError("rebuild without a unit spec")
+                    unit = self._new_unit(job, name, args["spec"])
+            if unit is None:
+                if stage == protocol.ABORT_STAGE:
+                    res: dict[str, Any] = {"ms": 0.0, "data": {"note": "unit not here"}}
+                else:
+                    raise CheckpointError(f"unit {name} of job {job} is not on node {self.node}")
+            else:
+                res = await self.runner.run(unit, stage, ckpt, int(args.get("seq", 0)), args)
+            ok, error = True, ""
+        except CheckpointError as exc:
+            res, ok, error = {"ms": (time.perf_counter() - t0) * 1000, "data": {}}, False, str(exc)
+            event(log, "stage failed", logging.WARNING, job=job, unit=name, stage=stage, checkpoint=ckpt, error=error)
+        data = dict(res.get("data") or {})
+        fields: dict[str, Any] = {"job": job, "unit": name, "node": self.node, "checkpoint": ckpt, "stage": stage,
+                                  "ok": ok, "ms": float(res.get("ms", 0.0)), "data": data}
+        if error:
+            fields["error"] = error
+        await self._emit(protocol.event_key(self.site, self.node), "stage_result", **fields)

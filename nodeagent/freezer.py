@@ -1,0 +1,335 @@
+"""Stop and resume a unit's whole process tree: cgroup freezer, or signals where none exists.
+
+Three kinds, detected once per agent (override with ``GRIDCKPT_FREEZER=v1|v2|signal``):
+
+``v1``      the cgroup v1 freezer hierarchy (``freezer.state``), wherever it is mounted
+``v2``      a cgroup v2 hierarchy (``cgroup.freeze`` / ``cgroup.events``)
+``signal``  no usable freezer: SIGSTOP / SIGCONT to every pid of the tree
+
+A unit's cgroup is ``<root>/gridckpt/<job>/<unit>``; ``path`` is what CRIU's
+``--freeze-cgroup`` wants.  Processes join it before they exec (see ``launch_wrapper``), so
+nothing the unit forks can escape it.  Freezing is asynchronous and bounded: the state file is
+polled with ``asyncio.sleep`` until the kernel reports the tree frozen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+import psutil
+
+from nodeagent.checkpointers.base import CheckpointError
+
+FREEZE_TIMEOUT = 5.0
+_POLL_FIRST = 0.0005
+_POLL_MAX = 0.02
+
+
+def _mounts() -> list[tuple[str, str, list[str]]]:
+    out = []
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 4:
+                    out.append((parts[2], parts[1].replace("\\040", " "), parts[3].split(",")))
+    except OSError:
+        pass
+    return out
+
+
+def _writable_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.access(path, os.W_OK)
+
+
+def detect() -> tuple[str, str | None]:
+    """Return (kind, hierarchy mount point) of the best freezer on this machine."""
+    forced = os.environ.get("GRIDCKPT_FREEZER", "").strip().lower()
+    v1 = v2 = None
+    for fstype, mnt, opts in _mounts():
+        if fstype == "cgroup" and "freezer" in opts and v1 is None:
+            v1 = mnt
+        elif fstype == "cgroup2" and v2 is None:
+            v2 = mnt
+    if v1 and not _writable_dir(v1):
+        v1 = None
+    if v2 and not (_writable_dir(v2) and _v2_supports_freeze(v2)):
+        v2 = None
+    if forced == "signal":
+        return "signal", None
+    if forced == "v1":
+        if not v1:
+            raise CheckpointError("GRIDCKPT_FREEZER=v1 but no writable cgroup v1 freezer is mounted")
+        return "v1", v1
+    if forced == "v2":
+        if not v2:
+            raise CheckpointError("GRIDCKPT_FREEZER=v2 but no writable cgroup v2 hierarchy with cgroup.freeze")
+        return "v2", v2
+    if forced:
+        raise CheckpointError(f"GRIDCKPT_FREEZER={forced!r}: expected v1, v2 or signal")
+    if v1:
+        return "v1", v1
+    if v2:
+        return "v2", v2
+    return "signal", None
+
+
+def _v2_supports_freeze(mnt: str) -> bool:
+    """cgroup.freeze exists only in non-root v2 cgroups; look for it in any child."""
+    try:
+        for entry in os.scandir(mnt):
+            if entry.is_dir() and os.path.exists(os.path.join(entry.path, "cgroup.freeze")):
+                return True
+    except OSError:
+        return False
+    # no child yet: try to make one
+    probe = os.path.join(mnt, "gridckpt")
+    try:
+        os.makedirs(probe, exist_ok=True)
+        return os.path.exists(os.path.join(probe, "cgroup.freeze"))
+    except OSError:
+        return False
+
+
+_detected: tuple[str, str | None] | None = None
+
+
+def freezer_kind() -> tuple[str, str | None]:
+    """The cached result of ``detect()``."""
+    global _detected
+    if _detected is None:
+        _detected = detect()
+    return _detected
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def tree_pids(root: int | None) -> list[int]:
+    """The live pids of root and its descendants (zombies excluded)."""
+    if root is None:
+        return []
+    try:
+        proc = psutil.Process(root)
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.Error:
+        return []
+    return [p.pid for p in procs if _alive(p)]
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
+        return False
+
+
+def alive_pids(pids: list[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            if _alive(psutil.Process(pid)):
+                out.append(pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+class Freezer:
+    """The freezer of one unit.  ``pids_fn`` lists the tree (used by the signal fallback)."""
+
+    def __init__(self, job: str, unit: str, pids_fn: Callable[[], list[int]],
+                 kind: tuple[str, str | None] | None = None):
+        self.kind, self.mount = kind or freezer_kind()
+        self.pids_fn = pids_fn
+        self.path: str | None = (os.path.join(self.mount, "gridckpt", job, unit)
+                                 if self.mount else None)
+        self.frozen = False
+
+    # -- the cgroup itself -------------------------------------------------------------
+    def create(self) -> None:
+        """Create the unit's cgroup (idempotent); nothing to do for the signal fallback."""
+        if self.path is None:
+            return
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create freezer cgroup {self.path}: {e.strerror}") from None
+
+    @property
+    def procs_file(self) -> str | None:
+        return os.path.join(self.path, "cgroup.procs") if self.path else None
+
+    def cgroup_pids(self) -> list[int]:
+        """Every pid in the cgroup (zombies may be listed; filter with alive_pids)."""
+        if not self.path:
+            return []
+        try:
+            return [int(x) for x in _read(self.procs_file).split()]
+        except (OSError, ValueError):
+            return []
+
+    def remove(self) -> None:
+        """Remove the cgroup once it is empty, and its job directory if that is empty too."""
+        if not self.path or not os.path.isdir(self.path):
+            return
+        if self.frozen or self.kind == "v1" and self._v1_state() != "THAWED":
+            try:
+                self._thaw_now()
+            except OSError:
+                pass
+        for _ in range(200):
+            try:
+                os.rmdir(self.path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    return
+                time.sleep(0.005)   # exiting tasks leave the cgroup asynchronously
+        try:
+            os.rmdir(os.path.dirname(self.path))
+        except OSError:
+            pass
+
+    # -- freeze / thaw -----------------------------------------------------------------
+    def _v1_state(self) -> str:
+        return _read(os.path.join(self.path, "freezer.state")).strip()
+
+    def _v2_frozen(self) -> bool:
+        for line in _read(os.path.join(self.path, "cgroup.events")).splitlines():
+            if line.startswith("frozen "):
+                return line.split()[1] == "1"
+        return False
+
+    def is_frozen(self) -> bool:
+        """What the kernel says (cgroup kinds) or what we did (signal kind)."""
+        if self.kind == "v1" and self.path:
+            return self._v1_state() == "FROZEN"
+        if self.kind == "v2" and self.path:
+            return self._v2_frozen()
+        return self.frozen
+
+    async def freeze(self, timeout: float = FREEZE_TIMEOUT) -> None:
+        """Freeze the whole tree and return once the kernel says it is frozen."""
+        deadline = time.monotonic() + timeout
+        if self.kind == "signal":
+            await self._signal_stop(deadline)
+            self.frozen = True
+            return
+        self.create()
+        delay = _POLL_FIRST
+        try:
+            while True:
+                if self.kind == "v1":
+                    _write(os.path.join(self.path, "freezer.state"), "FROZEN")
+                    done = self._v1_state() == "FROZEN"
+                else:
+                    _write(os.path.join(self.path, "cgroup.freeze"), "1")
+                    done = self._v2_frozen()
+                if done:
+                    self.frozen = True
+                    return
+                if time.monotonic() > deadline:
+                    self._thaw_now()
+                    raise CheckpointError(f"freezer {self.path} did not freeze within {timeout:g} s")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _POLL_MAX)
+        except OSError as e:
+            raise CheckpointError(f"cannot freeze {self.path}: {e.strerror}") from None
+
+    def _thaw_now(self) -> None:
+        if self.kind == "v1":
+            _write(os.path.join(self.path, "freezer.state"), "THAWED")
+        elif self.kind == "v2":
+            _write(os.path.join(self.path, "cgroup.freeze"), "0")
+
+    async def thaw(self, timeout: float = FREEZE_TIMEOUT) -> None:
+        """Let the tree run again (idempotent)."""
+        if self.kind == "signal":
+            for pid in alive_pids(self.pids_fn()):
+                _kill(pid, signal.SIGCONT)
+            self.frozen = False
+            return
+        if not self.path or not os.path.isdir(self.path):
+            self.frozen = False
+            return
+        deadline = time.monotonic() + timeout
+        delay = _POLL_FIRST
+        try:
+            while True:
+                self._thaw_now()
+                if not self.is_frozen() and (self.kind != "v1" or self._v1_state() == "THAWED"):
+                    self.frozen = False
+                    return
+                if time.monotonic() > deadline:
+                    raise CheckpointError(f"freezer {self.path} did not thaw within {timeout:g} s")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _POLL_MAX)
+        except OSError as e:
+            raise CheckpointError(f"cannot thaw {self.path}: {e.strerror}") from None
+
+    async def _signal_stop(self, deadline: float) -> None:
+        """SIGSTOP every pid until the set is stable and every one of them is stopped."""
+        stopped: set[int] = set()
+        delay = _POLL_FIRST
+        while True:
+            pids = alive_pids(self.pids_fn())
+            for pid in pids:
+                if pid not in stopped:
+                    _kill(pid, signal.SIGSTOP)
+                    stopped.add(pid)
+            if all(_is_stopped(pid) for pid in pids) and set(alive_pids(self.pids_fn())) <= stopped:
+                return
+            if time.monotonic() > deadline:
+                for pid in stopped:
+                    _kill(pid, signal.SIGCONT)
+                raise CheckpointError("process tree did not stop after SIGSTOP")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX)
+
+
+def _is_stopped(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP,
+                                                psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
+        return True
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def launch_wrapper(argv: list[str], procs_file: str | None, stop_before_exec: bool = False) -> list[str]:
+    """An argv that joins ``procs_file``'s cgroup (and optionally SIGSTOPs itself) before exec.
+
+    ``sh`` writes its own pid, which exec keeps, into cgroup.procs and only then execs the
+    unit's command: nothing of the unit ever runs outside its cgroup (no race with forks).
+    """
+    if procs_file is None and not stop_before_exec:
+        return list(argv)
+    script = ""
+    if procs_file is not None:
+        script += 'echo $$ > "$0" || exit 126; '
+    if stop_before_exec:
+        script += "kill -STOP $$; "
+    script += 'exec "$@"'
+    return ["/bin/sh", "-c", script, procs_file or "sh", *argv]

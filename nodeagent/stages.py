@@ -1,0 +1,255 @@
+"""Run one stage of the checkpoint/restart protocol on one unit (DESIGN.md section 2).
+
+The daemon calls ``UnitStageRunner.run(unit, stage, checkpoint_id, seq, args)`` for each
+``stage`` command and publishes the returned ``{"stage", "ms", "data"}`` as a stage_result.
+
+=============  =============================================================================
+prepare        images dir created (a stale partial one is cleared), job-file pre_checkpoint
+               callback, backend.prepare (app: the program saves its state and quiesces)
+stop           freeze the unit's tree (cgroup freezer, SIGSTOP fallback)
+checkpoint     backend.checkpoint, then manifest.json (sizes, sha256, stage timings) written
+               last in a thread; data: bytes, files
+resume_cp      thaw, backend.resume_cp, job-file post_checkpoint callback
+abort          thaw if frozen, backend.abort, delete the partial images
+rebuild        verify the manifest (thread), backend.check_restorable, backend.rebuild:
+               the tree exists again, still frozen; data: pid
+resume_rst     backend.resume_rst, make sure the tree runs, job-file restart callback
+=============  =============================================================================
+
+Idempotent: the same (job, unit, checkpoint id, stage) asked again (a redelivered command)
+returns the first outcome, result or error, without running anything again; a duplicate that
+arrives while the first is still running waits for it.  Failures raise ``CheckpointError``
+with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from nodeagent.callbacks import run_callback
+from nodeagent.checkpointers.base import CheckpointError, Checkpointer, RestoreRefused
+from nodeagent.checkpointers.registry import make_backend
+from orchestrator.store import MANIFEST, CorruptCheckpoint, Store, StoreError, write_manifest, verify_manifest
+
+log = logging.getLogger("gridckpt.stages")
+
+STAGES = ("prepare", "stop", "checkpoint", "resume_cp", "abort", "rebuild", "resume_rst")
+_REMEMBER = 4096
+
+
+class UnitStageRunner:
+    """Drives units through stages; one per agent."""
+
+    def __init__(self, store: Store, node: str = "", *, backends: dict[str, Checkpointer] | None = None,
+                 callback_timeout: float = 30.0):
+        self.store = store
+        self.node = node
+        self.backends: dict[str, Checkpointer] = dict(backends or {})
+        self.callback_timeout = callback_timeout
+        self._done: OrderedDict[tuple, asyncio.Future] = OrderedDict()
+        self._ctx: dict[tuple, dict[str, Any]] = {}
+
+    # -- backends ------------------------------------------------------------------------
+    def backend(self, name: str) -> Checkpointer:
+        """The (shared) backend instance called ``name``."""
+        b = self.backends.get(name)
+        if b is None:
+            b = self.backends[name] = make_backend(name)
+        return b
+
+    def backend_for(self, unit: Any) -> Checkpointer:
+        return self.backend(unit.spec.get("checkpointer") or "criu")
+
+    # -- entry point ---------------------------------------------------------------------
+    async def run(self, unit: Any, stage: str, checkpoint_id: str, seq: int | None = None,
+                  args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run ``stage``; return {"stage", "ms", "data"} or raise CheckpointError."""
+        if stage not in STAGES:
+            raise CheckpointError(f"unknown stage {stage!r}")
+        key = (unit.job, unit.name, checkpoint_id, stage)
+        fut = self._done.get(key)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._done[key] = fut
+            while len(self._done) > _REMEMBER:
+                self._done.popitem(last=False)
+            try:
+                result = await self._run(unit, stage, checkpoint_id, seq, dict(args or {}))
+            except CheckpointError as e:
+                fut.set_exception(e)
+            except (StoreError, OSError) as e:
+                fut.set_exception(CheckpointError(f"{stage} of {unit.name}: {e}"))
+            except asyncio.CancelledError:
+                self._done.pop(key, None)
+                fut.cancel()
+                raise
+            except Exception as e:   # a bug: still a one-line answer to the orchestrator
+                log.exception("stage %s of %s/%s crashed", stage, unit.job, unit.name)
+                fut.set_exception(CheckpointError(f"{stage} of {unit.name}: internal error: "
+                                                  f"{type(e).__name__}: {e}"))
+            else:
+                fut.set_result(result)
+        res = await asyncio.shield(fut)
+        return dict(res, data=dict(res["data"]))
+
+    async def _run(self, unit: Any, stage: str, cid: str, seq: int | None,
+                   args: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.monotonic()
+        data = await getattr(self, "_" + stage)(unit, cid, seq, args)
+        ms = round((time.monotonic() - t0) * 1000, 3)
+        ctx = self._ctx.get((unit.job, unit.name, cid))
+        if ctx is not None:
+            ctx["stages_ms"][stage] = ms
+        if stage in ("resume_cp", "abort", "resume_rst"):
+            self._ctx.pop((unit.job, unit.name, cid), None)
+        return {"stage": stage, "ms": ms, "data": data}
+
+    def _context(self, unit: Any, cid: str, seq: int | None) -> dict[str, Any]:
+        key = (unit.job, unit.name, cid)
+        ctx = self._ctx.get(key)
+        if ctx is None:
+            if seq is None:
+                raise CheckpointError(f"unit {unit.name}: checkpoint {cid} has no seq "
+                                      "(prepare was not run on this agent)")
+            ctx = self._ctx[key] = {"seq": seq, "images": self.store.images_dir(unit.job, unit.name, seq),
+                                    "stages_ms": {}}
+        return ctx
+
+    @staticmethod
+    def _require_alive(unit: Any, stage: str) -> None:
+        if getattr(unit, "ended", False) or unit.root_pid is None or not unit.pids():
+            state = getattr(unit, "state", "gone")
+            raise CheckpointError(f"{stage}: unit {unit.name} is not running (state {state})")
+
+    # -- checkpoint stages -----------------------------------------------------------------
+    async def _prepare(self, unit, cid, seq, args) -> dict[str, Any]:
+        self._require_alive(unit, "prepare")
+        ctx = self._context(unit, cid, seq)
+        images: Path = ctx["images"]
+        await asyncio.to_thread(_fresh_images_dir, images)
+        unit.checkpoint_id = cid
+        cb = await run_callback(unit, "pre_checkpoint", checkpoint=cid, images=images,
+                                timeout=args.get("callback_timeout", self.callback_timeout))
+        await self.backend_for(unit).prepare(unit, images)
+        return {"images": str(images), "seq": ctx["seq"],
+                **({"callback_ms": cb["ms"]} if cb else {})}
+
+    async def _stop(self, unit, cid, seq, args) -> dict[str, Any]:
+        self._context(unit, cid, seq)
+        self._require_alive(unit, "stop")
+        await unit.freeze()
+        return {"nprocs": len(unit.pids())}
+
+    async def _checkpoint(self, unit, cid, seq, args) -> dict[str, Any]:
+        ctx = self._context(unit, cid, seq)
+        self._require_alive(unit, "checkpoint")
+        images: Path = ctx["images"]
+        backend = self.backend_for(unit)
+        t0 = time.monotonic()
+        await backend.checkpoint(unit, images)
+        backend_ms = round((time.monotonic() - t0) * 1000, 3)
+        meta = {"checkpointer": backend.name, "node": self.node, "job": unit.job,
+                "unit": unit.name, "seq": ctx["seq"], "checkpoint": cid,
+                "stages_ms": dict(ctx["stages_ms"], checkpoint=backend_ms),
+                "command": list(unit.spec.get("command") or [])}
+        try:
+            manifest = await asyncio.to_thread(write_manifest, images, meta)
+        except StoreError as e:
+            raise CheckpointError(f"checkpoint of {unit.name}: manifest: {e}") from None
+        return {"bytes": manifest["bytes"], "files": len(manifest["files"]),
+                "images": str(images), "seq": ctx["seq"], "backend_ms": backend_ms}
+
+    async def _resume_cp(self, unit, cid, seq, args) -> dict[str, Any]:
+        ctx = self._context(unit, cid, seq)
+        await unit.thaw()
+        await self.backend_for(unit).resume_cp(unit)
+        await run_callback(unit, "post_checkpoint", checkpoint=cid, images=ctx["images"],
+                           timeout=args.get("callback_timeout", self.callback_timeout))
+        return {"seq": ctx["seq"]}
+
+    async def _abort(self, unit, cid, seq, args) -> dict[str, Any]:
+        key = (unit.job, unit.name, cid)
+        ctx = self._ctx.get(key)
+        images = ctx["images"] if ctx else (self.store.images_dir(unit.job, unit.name, seq)
+                                            if seq is not None else None)
+        errors = []
+        try:
+            await unit.thaw()
+        except CheckpointError as e:
+            errors.append(str(e))
+        if images is not None:
+            try:
+                await self.backend_for(unit).abort(unit, images)
+            except CheckpointError as e:
+                errors.append(str(e))
+        deleted = False
+        s = ctx["seq"] if ctx else seq
+        if s is not None:
+            try:
+                deleted = await asyncio.to_thread(self.store.delete_images, unit.job, unit.name, s)
+            except StoreError as e:   # a committed checkpoint uses it: keep it
+                errors.append(str(e))
+        if errors:
+            raise CheckpointError(f"abort of {unit.name}: " + "; ".join(errors))
+        return {"deleted": deleted}
+
+    # -- restart stages --------------------------------------------------------------------
+    async def _rebuild(self, unit, cid, seq, args) -> dict[str, Any]:
+        ctx = self._context(unit, cid, seq)
+        images: Path = ctx["images"]
+        try:
+            manifest = await asyncio.to_thread(verify_manifest, images)
+        except CorruptCheckpoint as e:
+            raise CheckpointError(f"rebuild of {unit.name}: {e}") from None
+        wanted = unit.spec.get("checkpointer") or "criu"
+        written_by = manifest.get("checkpointer", wanted)
+        if written_by != wanted:
+            raise RestoreRefused(f"rebuild of {unit.name}: images written by {written_by!r}, "
+                                 f"the unit uses {wanted!r}")
+        backend = self.backend(written_by)
+        await backend.check_restorable(images, manifest)
+        if unit.root_pid is not None and unit.pids():
+            await unit.kill()        # the old tree must be gone before its state comes back
+        await unit.set_state("restarting")
+        unit.freezer.create()
+        try:
+            await backend.rebuild(unit, images)
+        except BaseException:
+            await unit.set_state("failed")
+            raise
+        if unit.root_pid is None:
+            raise CheckpointError(f"rebuild of {unit.name}: the backend restored no process")
+        unit.adopt(unit.root_pid)    # no-op when the unit launched it itself
+        await unit.set_state("stopped")
+        return {"pid": unit.root_pid, "nprocs": len(unit.pids()), "bytes": manifest.get("bytes", 0),
+                "seq": ctx["seq"]}
+
+    async def _resume_rst(self, unit, cid, seq, args) -> dict[str, Any]:
+        ctx = self._context(unit, cid, seq)
+        self._require_alive(unit, "resume_rst")
+        await self.backend_for(unit).resume_rst(unit)
+        await unit.thaw()           # whatever the backend left frozen
+        await run_callback(unit, "restart", checkpoint=cid, images=ctx["images"],
+                           timeout=args.get("callback_timeout", self.callback_timeout))
+        return {"pid": unit.root_pid, "seq": ctx["seq"]}
+
+    async def release(self, unit: Any) -> None:
+        """The unit is gone for good: let its backend close what it holds for it."""
+        release = getattr(self.backend_for(unit), "release", None)
+        if release is not None:
+            await release(unit)
+
+
+def _fresh_images_dir(images: Path) -> None:
+    """Create the images dir; clear a partial one; refuse to touch a committed one."""
+    if (images / MANIFEST).exists():
+        raise CheckpointError(f"{images} already holds a committed checkpoint")
+    if images.exists():
+        shutil.rmtree(images)
+    images.mkdir(parents=True)

@@ -1,0 +1,394 @@
+"""A unit: one process tree on this node, launched or adopted, watched, stopped and killed.
+
+Lifecycle (``state``, the unit states of the protocol):
+
+    pending -> running <-> stopped -> exited | failed
+                 ^                        |
+                 +---- restarting <-------+     (rebuild: fresh launch or an adopted restored tree)
+
+A unit ends when its root process ends: ``exited`` with ``exit_code`` for a normal exit (any
+code), ``failed`` with ``signal`` when a signal killed it.  Whatever the root leaves behind in
+its cgroup is killed then, so no process outlives its unit.  ``kill()`` (cancel) freezes the
+tree so nothing can fork away, SIGKILLs every pid, thaws, reaps, and reports ``exited`` with
+``signal`` 9 and ``cancelled`` True.
+
+The agent watches its own children through asyncio; a tree adopted after a restore (whose
+root may not be the agent's child) is watched through a pidfd.  Call ``become_subreaper()``
+once in the daemon so restored roots are re-parented to the agent and their exit status is
+known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import pwd
+import signal as _signal
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import psutil
+
+from nodeagent.checkpointers.base import CheckpointError, LaunchPlan
+from nodeagent.freezer import Freezer, alive_pids, launch_wrapper, tree_pids
+
+log = logging.getLogger("gridckpt.units")
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+StateCallback = Callable[["Unit"], Awaitable[None]]
+
+
+def become_subreaper() -> bool:
+    """Make this process the subreaper of its descendants (PR_SET_CHILD_SUBREAPER)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0
+    except OSError:
+        return False
+
+
+def base_env(job: str, unit: str, unit_dir: Path) -> dict[str, str]:
+    """The minimal environment every unit starts from (nothing inherited from the agent)."""
+    try:
+        pw = pwd.getpwuid(os.getuid())
+        home, user = pw.pw_dir, pw.pw_name
+    except KeyError:
+        home, user = "/", str(os.getuid())
+    return {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8", "HOME": home, "USER": user,
+            "LOGNAME": user, "GRIDCKPT_JOB": job, "GRIDCKPT_UNIT": unit,
+            "GRIDCKPT_UNIT_DIR": str(unit_dir)}
+
+
+class Unit:
+    """One unit of a job on this node (implements base.UnitProcess)."""
+
+    def __init__(self, job: str, name: str, spec: dict[str, Any], unit_dir: Path | str, *,
+                 cwd: str | Path | None = None, on_state: StateCallback | None = None,
+                 freezer_kind: tuple[str, str | None] | None = None):
+        self.job = job
+        self.name = name
+        self.spec = spec
+        self.unit_dir = Path(unit_dir)
+        self.cwd = str(cwd or spec.get("cwd") or os.getcwd())
+        self.on_state = on_state
+        self.root_pid: int | None = None
+        self.state = "pending"
+        self.exit_code: int | None = None
+        self.signal: int | None = None
+        self.cancelled = False
+        self.detail: str | None = None
+        self.started: float | None = None      # wall clock, for status
+        self._started_mono: float | None = None
+        self.freezer = Freezer(job, name, self._tree_pids_raw, kind=freezer_kind)
+        self.env: dict[str, str] = base_env(job, name, self.unit_dir)
+        self.env.update({str(k): str(v) for k, v in (spec.get("env") or {}).items()})
+        self._proc: asyncio.subprocess.Process | None = None
+        self._watch: asyncio.Task | None = None
+        self._watched_pid: int | None = None
+        self._ended = asyncio.Event()
+        self._killing = False
+
+    # -- UnitProcess -------------------------------------------------------------------
+    @property
+    def freezer_path(self) -> str | None:
+        return self.freezer.path
+
+    def _tree_pids_raw(self) -> list[int]:
+        pids = set(tree_pids(self.root_pid))
+        pids.update(self.freezer.cgroup_pids())
+        pids.discard(os.getpid())
+        return sorted(pids)
+
+    def pids(self) -> list[int]:
+        """Every live pid of the tree: the root's descendants and the cgroup's members."""
+        return alive_pids(self._tree_pids_raw())
+
+    # -- launch ------------------------------------------------------------------------
+    async def launch(self, plan: LaunchPlan, *, stopped: bool = False,
+                     extra_env: dict[str, str] | None = None) -> int:
+        """Start ``plan`` as the unit's tree; ``stopped``: frozen before it execs (rebuild)."""
+        if self.state in ("running", "stopped") and self.root_pid and self.pids():
+            raise CheckpointError(f"unit {self.name} is already running (pid {self.root_pid})")
+        if not plan.argv:
+            raise CheckpointError(f"unit {self.name}: empty command")
+        self.unit_dir.mkdir(parents=True, exist_ok=True)
+        self.freezer.create()
+        env = dict(self.env)
+        env.update({str(k): str(v) for k, v in plan.env.items()})
+        env.update(extra_env or {})
+        self.env = env
+        use_cgroup = self.freezer.path is not None
+        if stopped and use_cgroup:
+            await self.freezer.freeze()
+        argv = launch_wrapper(plan.argv, self.freezer.procs_file,
+                              stop_before_exec=stopped and not use_cgroup)
+        out = os.open(self.unit_dir / "stdout", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        err = os.open(self.unit_dir / "stderr", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err,
+                cwd=self.cwd, env=env, start_new_session=True)
+        except OSError as e:
+            if stopped and use_cgroup:
+                await self.freezer.thaw()
+            raise CheckpointError(f"unit {self.name}: cannot start {plan.argv[0]!r}: "
+                                  f"{e.strerror or e}") from None
+        finally:
+            os.close(out)
+            os.close(err)
+        self._reset_exit()
+        self._proc = proc
+        self.root_pid = proc.pid
+        self._started_mono = time.monotonic()
+        self.started = time.time()
+        if stopped:
+            await self._wait_stopped(proc.pid)
+            if not use_cgroup:
+                self.freezer.frozen = True
+        self._watch_task(self._watch_child(proc))
+        await self._set_state("stopped" if stopped else "running")
+        return proc.pid
+
+    async def _wait_stopped(self, pid: int, timeout: float = 5.0) -> None:
+        """Wait until a stopped launch really sits in its cgroup (or in SIGSTOP)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.freezer.path:
+                if pid in self.freezer.cgroup_pids() and self.freezer.is_frozen():
+                    return
+            else:
+                try:
+                    if psutil.Process(pid).status() == psutil.STATUS_STOPPED:
+                        return
+                except psutil.Error:
+                    break
+            await asyncio.sleep(0.001)
+        raise CheckpointError(f"unit {self.name}: pid {pid} did not reach its stopped state")
+
+    def adopt(self, pid: int | None = None) -> None:
+        """Watch a tree this agent did not launch itself (e.g. restored by CRIU)."""
+        pid = pid or self.root_pid
+        if pid is None:
+            raise CheckpointError(f"unit {self.name}: nothing to adopt (no root pid)")
+        if self._watched_pid == pid and self._watch and not self._watch.done():
+            return
+        self._reset_exit()
+        self.root_pid = pid
+        self._proc = None
+        self._started_mono = time.monotonic()
+        self.started = time.time()
+        self._watch_task(self._watch_pidfd(pid))
+
+    def _reset_exit(self) -> None:
+        self.exit_code = self.signal = None
+        self.cancelled = False
+        self.detail = None
+        self._ended = asyncio.Event()
+
+    def _watch_task(self, coro) -> None:
+        if self._watch and not self._watch.done():
+            self._watch.cancel()
+        self._watched_pid = self.root_pid
+        self._watch = asyncio.get_running_loop().create_task(coro)
+
+    # -- watching ----------------------------------------------------------------------
+    async def _watch_child(self, proc: asyncio.subprocess.Process) -> None:
+        rc = await proc.wait()
+        if rc is not None and rc < 0:
+            await self._ended_with(None, -rc)
+        else:
+            await self._ended_with(rc, None)
+
+    async def _watch_pidfd(self, pid: int) -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            await self._ended_with(None, None, "process vanished before it was adopted")
+            return
+        except OSError:
+            fd = None
+        try:
+            if fd is not None:
+                ready = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                loop.add_reader(fd, ready.set)
+                try:
+                    await ready.wait()
+                finally:
+                    loop.remove_reader(fd)
+                code, sig, detail = _reap_pidfd(fd)
+            else:   # no pidfd support: poll
+                while psutil.pid_exists(pid) and alive_pids([pid]):
+                    await asyncio.sleep(0.2)
+                code, sig, detail = None, None, "exit status unknown"
+            await self._ended_with(code, sig, detail)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    async def _ended_with(self, code: int | None, sig: int | None, detail: str | None = None) -> None:
+        # leftovers in the cgroup (orphans of the root) die with the unit
+        await self._kill_tree(reap=True)
+        self.exit_code, self.signal = code, sig
+        if self._killing:
+            self.cancelled = True
+            self.state = "exited"
+        elif sig is not None or (code is None and detail):
+            self.state = "failed"
+        else:
+            self.state = "exited"
+        self.detail = detail
+        self.freezer.remove()
+        self._ended.set()
+        await self._notify()
+
+    async def wait(self, timeout: float | None = None) -> str:
+        """Wait until the unit has ended; return its final state."""
+        await asyncio.wait_for(self._ended.wait(), timeout)
+        return self.state
+
+    @property
+    def ended(self) -> bool:
+        return self._ended.is_set()
+
+    # -- stop / resume / kill ----------------------------------------------------------
+    async def freeze(self) -> None:
+        """Stop the whole tree (stage stop)."""
+        await self.freezer.freeze()
+        if self.state == "running":
+            await self._set_state("stopped")
+
+    async def thaw(self) -> None:
+        """Let the tree run (stage resume_cp / resume_rst, abort)."""
+        await self.freezer.thaw()
+        if self.state in ("stopped", "restarting"):
+            await self._set_state("running")
+
+    async def kill(self, timeout: float = 5.0) -> None:
+        """Kill the whole tree, leaving no process behind; return when it is gone."""
+        if self.ended or self.root_pid is None:
+            await self._kill_tree(reap=True)
+            self.freezer.remove()
+            return
+        self._killing = True
+        try:
+            await self._kill_tree(reap=True)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._ended.wait()), timeout)
+            except asyncio.TimeoutError:
+                raise CheckpointError(f"unit {self.name}: tree still alive {timeout:g} s after SIGKILL")
+        finally:
+            self._killing = False
+
+    async def _kill_tree(self, reap: bool) -> None:
+        pids = self.pids()
+        if not pids:
+            if self.freezer.frozen:
+                try:
+                    await self.freezer.thaw()
+                except CheckpointError:
+                    pass
+            return
+        froze = False
+        if self.freezer.kind != "signal":
+            try:
+                await self.freezer.freeze(timeout=2.0)
+                froze = True
+            except CheckpointError:
+                pass
+        for _ in range(50):
+            pids = self.pids()
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, _signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if froze or self.freezer.frozen:
+                try:
+                    await self.freezer.thaw()
+                except CheckpointError:
+                    pass
+                froze = False
+            await asyncio.sleep(0.005)
+            if reap:
+                self._reap_zombies()
+        if self.freezer.frozen:
+            try:
+                await self.freezer.thaw()
+            except CheckpointError:
+                pass
+
+    def _reap_zombies(self) -> None:
+        """Reap zombies of the tree that are the agent's children (not asyncio's root)."""
+        own = self._proc.pid if self._proc else None
+        me = os.getpid()
+        for pid in set(self._tree_pids_raw()):
+            if pid == own:
+                continue
+            try:
+                p = psutil.Process(pid)
+                if p.ppid() == me and p.status() == psutil.STATUS_ZOMBIE:
+                    os.waitpid(pid, os.WNOHANG)
+            except (psutil.Error, ChildProcessError, OSError):
+                pass
+
+    # -- status ------------------------------------------------------------------------
+    async def _set_state(self, state: str) -> None:
+        if self.state != state:
+            self.state = state
+            await self._notify()
+
+    async def set_state(self, state: str) -> None:
+        """Set a state decided elsewhere (the stage runner: restarting) and notify."""
+        await self._set_state(state)
+
+    async def _notify(self) -> None:
+        if self.on_state is None:
+            return
+        try:
+            await self.on_state(self)
+        except Exception:   # the daemon's problem, never the unit's
+            log.exception("state callback failed for unit %s/%s", self.job, self.name)
+
+    def status(self) -> dict[str, Any]:
+        """state, pid, nprocs, uptime, exit_code, signal (and cancelled, detail)."""
+        live = not self.ended and self.root_pid is not None
+        return {
+            "state": self.state,
+            "pid": self.root_pid,
+            "nprocs": len(self.pids()) if live else 0,
+            "uptime": round(time.monotonic() - self._started_mono, 3)
+            if live and self._started_mono else 0.0,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "cancelled": self.cancelled,
+            "detail": self.detail,
+        }
+
+    async def close(self) -> None:
+        """Forget the unit: kill what is left and remove its cgroup."""
+        if not self.ended and self.root_pid is not None:
+            await self.kill()
+        if self._watch and not self._watch.done():
+            self._watch.cancel()
+        self.freezer.remove()
+
+
+def _reap_pidfd(fd: int) -> tuple[int | None, int | None, str | None]:
+    """Exit status through the pidfd when the agent is the parent (or subreaper)."""
+    try:
+        info = os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+    except ChildProcessError:
+        return None, None, "exit status unknown (not a child of the agent)"
+    except OSError as e:
+        return None, None, f"exit status unknown ({e.strerror})"
+    if info is None:
+        return None, None, "exit status unknown"
+    if info.si_code == os.CLD_EXITED:
+        return info.si_status, None, None
+    return None, info.si_status, None

@@ -1,0 +1,1 @@
+"""gridckpt orchestrator: job model, wire protocol, bus, store, recovery line, CLI."""

@@ -1,0 +1,271 @@
+"""The coordinated stage machine: two-phase checkpoint and restart of a whole job.
+
+Checkpoint: prepare -> stop -> checkpoint on every unit, a barrier after each stage; the
+checkpoint is committed (``checkpoints/<id>.json``) only once every unit's manifest is in
+the store, then every unit gets resume_cp.  Any failure or timeout before the commit aborts:
+every unit gets ``abort`` (thaw, forget), the partial images are deleted, the job runs on.
+Restart: every unit of the job is killed, then rebuild on all, then resume_rst on all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from . import protocol
+from .bus.base import BusError
+from .control import ControlError
+from .jobs import TERMINAL_UNIT_STATES, JobState, PlacementError, UnitState, place_units
+from .logs import event
+
+if TYPE_CHECKING:
+    from .daemon import Orchestrator
+
+log = logging.getLogger("gridckpt.coordinator")
+
+
+class StageFailed(Exception):
+    """A unit failed or missed a stage."""
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 2)
+
+
+class Coordinator:
+    """Drives jobs through checkpoint and restart stages."""
+
+    def __init__(self, orch: "Orchestrator") -> None:
+        self.orch = orch
+        self._waiting: dict[tuple[str, str, str], asyncio.Future] = {}
+
+    # ----------------------------------------------------------------- stage plumbing
+    def on_stage_result(self, msg: dict[str, Any]) -> None:
+        fut = self._waiting.get((msg["checkpoint"], msg["unit"], msg["stage"]))
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    def agent_lost(self, node: str, job: JobState) -> None:
+        """Fail the stages waiting on units of a lost agent at once."""
+        for (ckpt, unit_name, stage), fut in self._waiting.items():
+            unit = job.units.get(unit_name)
+            if unit is not None and unit.node == node and not fut.done():
+                fut.set_exception(StageFailed(f"unit {unit_name}: agent {node} lost during {stage}"))
+
+    async def _stage_all(self, job: JobState, op_id: str, stage: str, units: list[UnitState],
+                         args: dict[str, dict[str, Any]], timeout: float) -> dict[str, dict[str, Any]]:
+        """Run one stage on every unit in parallel; raise StageFailed naming the first failure."""
+        loop = asyncio.get_running_loop()
+        futs = {}
+        for u in units:
+            key = (op_id, u.name, stage)
+            futs[u.name] = self._waiting.setdefault(key, loop.create_future())
+        try:
+            await asyncio.gather(*(self.orch.send(u.site, u.node, "stage", job=job.id, unit=u.name, checkpoint=op_id,
+                                                  stage=stage, args=args.get(u.name, {})) for u in units))
+        except BusError as exc:
+            self._forget(op_id, units, stage)
+            raise StageFailed(f"{stage}: cannot reach an agent ({exc})") from None
+        try:
+            done, pending = await asyncio.wait(futs.values(), timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
+            results: dict[str, dict[str, Any]] = {}
+            for name, fut in futs.items():
+                if not fut.done():
+                    raise StageFailed(f"unit {name}: {stage} timed out after {timeout:g} s")
+                exc = fut.exception()
+                if exc is not None:
+                    raise StageFailed(str(exc))
+                res = fut.result()
+                if not res["ok"]:
+                    raise StageFailed(f"unit {name}: {stage} failed: {res.get('error') or 'no reason given'}")
+                results[name] = res
+            return results
+        finally:
+            self._forget(op_id, units, stage)
+
+    def _forget(self, op_id: str, units: list[UnitState], stage: str) -> None:
+        for u in units:
+            fut = self._waiting.pop((op_id, u.name, stage), None)
+            if fut is not None and not fut.done():
+                fut.cancel()
+
+    def _timeout(self, job: JobState) -> float:
+        return float(job.spec.get("stage_timeout") or 30.0)
+
+    # ----------------------------------------------------------------- checkpoint
+    async def checkpoint(self, job: JobState) -> dict[str, Any]:
+        """Coordinated checkpoint of every unit; returns the stage table as a dict."""
+        if job.busy:
+            raise ControlError(f"job {job.id} is busy ({job.busy} in progress)")
+        units = list(job.units.values())
+        not_running = [f"{u.name} ({u.state})" for u in units if u.state != "running"]
+        if not_running:
+            raise ControlError(f"job {job.id}: cannot checkpoint, units not running: {', '.join(not_running)}")
+        job.busy = "checkpoint"
+        ckpt_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        store = self.orch.store
+        t_all = time.perf_counter()
+        stages_ms: dict[str, float] = {}
+        per_unit: dict[str, dict[str, Any]] = {u.name: {"name": u.name, "node": u.node, "stages_ms": {}} for u in units}
+        try:
+            seqs = await asyncio.to_thread(lambda: {u.name: store.next_seq(job.id, u.name) for u in units})
+            await asyncio.to_thread(store.begin_checkpoint, job.id, ckpt_id, seqs)
+            for u in units:
+                per_unit[u.name]["seq"] = seqs[u.name]
+            args = {u.name: {"seq": seqs[u.name]} for u in units}
+            try:
+                for stage in ("prepare", "stop", "checkpoint"):
+                    t0 = time.perf_counter()
+                    res = await self._stage_all(job, ckpt_id, stage, units, args, self._timeout(job))
+                    stages_ms[stage] = _ms(t0)
+                    for name, r in res.items():
+                        per_unit[name]["stages_ms"][stage] = r["ms"]
+                        if stage == "checkpoint":
+                            per_unit[name]["bytes"] = (r.get("data") or {}).get("bytes", 0)
+                missing = await asyncio.to_thread(
+                    lambda: [n for n, s in seqs.items() if not (store.images_dir(job.id, n, s) / "manifest.json").exists()])
+                if missing:
+                    raise StageFailed(f"no manifest in the store for unit(s) {', '.join(missing)}")
+                await asyncio.to_thread(store.commit_checkpoint, job.id, ckpt_id, seqs,
+                                        {"stages_ms": stages_ms, "units": {n: per_unit[n]["stages_ms"] for n in seqs}})
+            except StageFailed as exc:
+                event(log, "checkpoint aborted", logging.WARNING, job=job.id, checkpoint=ckpt_id, reason=str(exc))
+                try:
+                    await self._stage_all(job, ckpt_id, protocol.ABORT_STAGE,
+                                          [u for u in units if u.state not in TERMINAL_UNIT_STATES], args,
+                                          self._timeout(job))
+                except StageFailed as exc2:
+                    event(log, "abort incomplete", logging.WARNING, job=job.id, checkpoint=ckpt_id, reason=str(exc2))
+                await asyncio.to_thread(store.abort_checkpoint, job.id, ckpt_id)
+                raise ControlError(f"checkpoint of {job.id} aborted: {exc}") from None
+            event(log, "checkpoint committed", job=job.id, checkpoint=ckpt_id)
+            t0 = time.perf_counter()
+            try:
+                res = await self._stage_all(job, ckpt_id, "resume_cp", units, args, self._timeout(job))
+                for name, r in res.items():
+                    per_unit[name]["stages_ms"]["resume_cp"] = r["ms"]
+            except StageFailed as exc:
+                event(log, "resume_cp failed", logging.WARNING, job=job.id, checkpoint=ckpt_id, reason=str(exc))
+            stages_ms["resume_cp"] = _ms(t0)
+        finally:
+            job.busy = ""
+        for pu in per_unit.values():
+            pu["total_ms"] = round(sum(pu["stages_ms"].values()), 2)
+        return {"job": job.id, "checkpoint": ckpt_id, "total_ms": _ms(t_all), "stages_ms": stages_ms,
+                "units": list(per_unit.values())}
+
+    # ----------------------------------------------------------------- restart
+    async def kill_units(self, job: JobState, names: list[str], timeout: float = 10.0) -> None:
+        """Kill the named units' trees and wait until their agents report them gone."""
+        targets = [job.units[n] for n in names if job.units[n].state not in TERMINAL_UNIT_STATES]
+        for u in targets:
+            try:
+                await self.orch.send(u.site, u.node, "kill", job=job.id, unit=u.name)
+            except BusError:
+                u.state = "lost"
+        deadline = time.monotonic() + timeout
+        while any(u.state not in TERMINAL_UNIT_STATES for u in targets) and time.monotonic() < deadline:
+            await self.orch.wait_units(lambda j, u: j is job, 0.2)
+
+    async def restart(self, job: JobState, checkpoint: str | None, place: dict[str, str]) -> dict[str, Any]:
+        """Restart every unit of ``job`` from a committed checkpoint (the newest by default)."""
+        if job.busy:
+            raise ControlError(f"job {job.id} is busy ({job.busy} in progress)")
+        store = self.orch.store
+        ckpts = await asyncio.to_thread(store.list_checkpoints, job.id)
+        if checkpoint:
+            found = [c for c in ckpts if c["id"] == checkpoint or c["id"].startswith(checkpoint)]
+            if len(found) != 1:
+                raise ControlError(f"job {job.id}: no committed checkpoint {checkpoint!r}", 2)
+            ckpt = found[0]
+        elif ckpts:
+            ckpt = ckpts[-1]
+        else:
+            raise ControlError(f"job {job.id} has no committed checkpoint")
+        unknown = [n for n in place if n not in job.units]
+        if unknown:
+            raise ControlError(f"--place names unknown unit(s): {', '.join(unknown)}", 2)
+        job.busy = "restart"
+        job.state = "restarting"
+        t_all = time.perf_counter()
+        rst_id = "rst-" + uuid.uuid4().hex[:10]
+        try:
+            await self.kill_units(job, list(job.units))
+            fixed = dict(place)
+            for u in job.units.values():
+                agent = self.orch.agent_for(u.node)
+                if u.name not in fixed and agent is not None and not agent.lost:
+                    fixed[u.name] = u.node
+            try:
+                placed = place_units([{"name": n} for n in job.units], self.orch.live_agents(), {}, fixed)
+            except PlacementError as exc:
+                raise StageFailed(str(exc)) from None
+            for name, agent in placed.items():
+                u = job.units[name]
+                u.node, u.site, u.state = agent.node, agent.site, "restarting"
+            units = list(job.units.values())
+            specs = {s["name"]: self.orch.unit_launch_spec(job, s) for s in job.spec["units"]}
+            args = {u.name: {"seq": ckpt["units"][u.name], "from": ckpt["id"], "spec": specs[u.name]} for u in units}
+            stages_ms: dict[str, float] = {}
+            per_unit = {u.name: {"name": u.name, "node": u.node, "seq": ckpt["units"][u.name], "stages_ms": {}}
+                        for u in units}
+            for stage in protocol.RESTART_STAGES:
+                t0 = time.perf_counter()
+                res = await self._stage_all(job, rst_id, stage, units, args, self._timeout(job))
+                stages_ms[stage] = _ms(t0)
+                for name, r in res.items():
+                    per_unit[name]["stages_ms"][stage] = r["ms"]
+                    pid = (r.get("data") or {}).get("pid")
+                    if pid:
+                        per_unit[name]["pid"] = job.units[name].pid = pid
+        except StageFailed as exc:
+            job.busy = ""
+            await self.kill_units(job, list(job.units))
+            for u in job.units.values():
+                if u.state not in TERMINAL_UNIT_STATES:
+                    u.state = "failed"
+            job.state = "failed"
+            await self.orch.save_job(job)
+            event(log, "restart failed", logging.WARNING, job=job.id, reason=str(exc))
+            raise ControlError(f"restart of {job.id} failed: {exc}") from None
+        now = time.time()
+        for u in job.units.values():
+            u.state, u.started, u.exit_code, u.signal, u.detail = "running", now, None, None, f"restored from {ckpt['id']}"
+        job.restarts += 1
+        job.busy = ""
+        job.state = job.derive_state()
+        await self.orch.save_job(job)
+        for pu in per_unit.values():
+            pu["total_ms"] = round(sum(pu["stages_ms"].values()), 2)
+        event(log, "job restarted", job=job.id, checkpoint=ckpt["id"])
+        return {"job": job.id, "from": ckpt["id"], "total_ms": _ms(t_all), "stages_ms": stages_ms,
+                "units": list(per_unit.values())}
+
+    async def auto_restart(self, job: JobState) -> None:
+        """`restart = "auto"`: bring a failed job back from its newest checkpoint, or from scratch."""
+        limit = int(job.spec.get("max_restarts", 3))
+        if job.busy or job.state == "cancelled":
+            return
+        if job.restarts >= limit:
+            event(log, "auto restart: limit reached", logging.WARNING, job=job.id, restarts=job.restarts)
+            return
+        ckpts = await asyncio.to_thread(self.orch.store.list_checkpoints, job.id)
+        try:
+            if ckpts:
+                res = await self.restart(job, None, {})
+                event(log, "auto restart", job=job.id, checkpoint=res["from"], total_ms=res["total_ms"])
+            else:
+                job.busy = "restart"
+                try:
+                    await self.kill_units(job, list(job.units))
+                finally:
+                    job.busy = ""
+                job.restarts += 1
+                job.state = "pending"
+                await self.orch.launch_units(job, list(job.units))
+                event(log, "auto restart from scratch", job=job.id)
+        except ControlError as exc:
+            event(log, "auto restart failed", logging.WARNING, job=job.id, error=str(exc))

@@ -1,0 +1,161 @@
+"""The wire protocol: message types, their fields, routing keys and msgpack encoding.
+
+Every message on the bus is a msgpack map with at least:
+
+    v     protocol version (int, must equal PROTOCOL_VERSION)
+    type  one of MESSAGE_TYPES
+    id    a unique message id (str); redelivery of the same id is harmless
+
+plus the fields its type declares.  ``decode`` rejects anything else with a
+``ProtocolError`` whose text names what is wrong; transports dead-letter such
+messages and keep running.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+# Exchanges and queues (names are per virtual organisation = per vhost).
+EXCHANGE = "gridckpt"
+DEAD_LETTER_EXCHANGE = "gridckpt.dlx"
+DEAD_LETTER_QUEUE = "gridckpt.dead"
+EVENTS_QUEUE = "gridckpt.orchestrator.events"
+DETERMINANTS_QUEUE = "gridckpt.orchestrator.determinants"
+HEARTBEAT_QUEUE = "gridckpt.orchestrator.heartbeats"
+CONTROL_QUEUE = "gridckpt.orchestrator.control"
+CONTROL_KEY = "orchestrator.control"
+DELIVERY_LIMIT = 5
+
+
+class ProtocolError(ValueError):
+    """A message that is not valid under this protocol version (the text says why)."""
+
+
+_NUM = (int, float)
+_ANY = object
+
+# type -> {field: (python types, required)}
+_F = dict[str, tuple[Any, bool]]
+MESSAGE_TYPES: dict[str, _F] = {
+    # agent -> orchestrator (routing key events.<site>.<node>)
+    "register": {"node": (str, True), "site": (str, True), "pid": (int, True),
+                 "hostname": (str, False), "capabilities": (dict, False), "store": (str, False)},
+    "unit_event": {"job": (str, True), "unit": (str, True), "node": (str, True), "state": (str, True),
+                   "pid": (int, False), "nprocs": (int, False), "exit_code": (int, False),
+                   "signal": (int, False), "detail": (str, False), "started": (_NUM, False)},
+    "stage_result": {"job": (str, True), "unit": (str, True), "node": (str, True),
+                     "checkpoint": (str, True), "stage": (str, True), "ok": (bool, True),
+                     "ms": (_NUM, True), "error": (str, False), "data": (dict, False)},
+    "pong": {"node": (str, True), "ping": (str, True), "sent": (_NUM, False)},
+    # agent -> orchestrator (routing key heartbeat.<site>.<node>)
+    "heartbeat": {"node": (str, True), "site": (str, True), "units": (list, True),
+                  "interval": (_NUM, False)},
+    # agent -> orchestrator (routing key determinants.<site>.<node>)
+    "determinants": {"job": (str, True), "unit": (str, True), "node": (str, True),
+                     "batch": (bytes, True), "first": (int, True), "count": (int, True)},
+    # orchestrator -> agent (routing key agent.<site>.<node>)
+    "launch": {"job": (str, True), "unit": (str, True), "spec": (dict, True),
+               "attempt": (int, False)},
+    "kill": {"job": (str, True), "unit": (str, True), "signal": (int, False)},
+    "stage": {"job": (str, True), "unit": (str, True), "checkpoint": (str, True),
+              "stage": (str, True), "args": (dict, False)},
+    "ping": {"sent": (_NUM, False)},
+    # CLI -> orchestrator (routing key orchestrator.control), reply to reply_to
+    "control": {"op": (str, True), "args": (dict, True)},
+    "control_reply": {"ok": (bool, True), "result": (_ANY, False), "error": (str, False),
+                      "code": (int, False)},
+}
+
+CHECKPOINT_STAGES = ("prepare", "stop", "checkpoint", "resume_cp")
+RESTART_STAGES = ("rebuild", "resume_rst")
+ABORT_STAGE = "abort"
+STAGES = CHECKPOINT_STAGES + RESTART_STAGES + (ABORT_STAGE,)
+UNIT_STATES = ("pending", "running", "stopped", "exited", "failed", "lost", "restarting")
+
+
+def agent_key(site: str, node: str) -> str:
+    """Routing key of an agent's command queue."""
+    return f"agent.{site}.{node}"
+
+
+def event_key(site: str, node: str) -> str:
+    return f"events.{site}.{node}"
+
+
+def heartbeat_key(site: str, node: str) -> str:
+    return f"heartbeat.{site}.{node}"
+
+
+def determinants_key(site: str, node: str) -> str:
+    return f"determinants.{site}.{node}"
+
+
+def new_id() -> str:
+    """A fresh message id."""
+    return uuid.uuid4().hex
+
+
+def make(type_: str, *, id: str | None = None, **fields: Any) -> dict[str, Any]:
+    """Build a message of ``type_`` and validate it (raises ProtocolError on a bad field)."""
+    msg = {"v": PROTOCOL_VERSION, "type": type_, "id": id or new_id(), "ts": time.time(), **fields}
+    validate(msg)
+    return msg
+
+
+def validate(msg: Any) -> dict[str, Any]:
+    """Check a decoded message against its type; return it or raise ProtocolError."""
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"message is a {type(msg).__name__}, not a map")
+    v = msg.get("v")
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {v!r} is not {PROTOCOL_VERSION}")
+    type_ = msg.get("type")
+    if not isinstance(type_, str) or type_ not in MESSAGE_TYPES:
+        raise ProtocolError(f"unknown message type {type_!r}")
+    mid = msg.get("id")
+    if not isinstance(mid, str) or not mid:
+        raise ProtocolError(f"{type_}: missing or mistyped field 'id'")
+    for name, (types, required) in MESSAGE_TYPES[type_].items():
+        if name not in msg:
+            if required:
+                raise ProtocolError(f"{type_}: missing field {name!r}")
+            continue
+        if types is _ANY:
+            continue
+        value = msg[name]
+        if isinstance(value, bool) and types is not bool and bool not in _as_tuple(types):
+            raise ProtocolError(f"{type_}: field {name!r} is bool, expected {_tname(types)}")
+        if not isinstance(value, types) and not (value is None and not required):
+            raise ProtocolError(f"{type_}: field {name!r} is {type(value).__name__}, expected {_tname(types)}")
+    if type_ == "stage" and msg["stage"] not in STAGES:
+        raise ProtocolError(f"stage: unknown stage {msg['stage']!r}")
+    return msg
+
+
+def _as_tuple(types: Any) -> tuple:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _tname(types: Any) -> str:
+    return "/".join(t.__name__ for t in _as_tuple(types))
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    """msgpack-encode a message (validated first)."""
+    validate(msg)
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def decode(body: bytes) -> dict[str, Any]:
+    """Decode and validate a message body; raise ProtocolError naming what is wrong."""
+    try:
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated exception types
+        raise ProtocolError(f"not msgpack: {type(exc).__name__}: {exc}") from None
+    return validate(msg)

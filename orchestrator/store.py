@@ -1,0 +1,636 @@
+"""The checkpoint store (DESIGN.md section 3): a directory shared by the
+orchestrator and the node agents (local disk, or NFS/CephFS/Lustre for a site).
+
+Layout::
+
+    <root>/jobs/<job>/job.json                          job metadata
+    <root>/jobs/<job>/units/<unit>/<seq>/...            images of one unit checkpoint
+    <root>/jobs/<job>/units/<unit>/<seq>/manifest.json  written last, by atomic rename
+    <root>/jobs/<job>/units/<unit>/.last_seq            highest seq ever handed out
+    <root>/jobs/<job>/checkpoints/<id>.json             a committed coordinated checkpoint
+    <root>/jobs/<job>/checkpoints/<id>.pending.json     a checkpoint begun, not (yet) committed
+    <root>/jobs/<job>/determinants/                     the job's determinant log
+
+Rules that make it crash-safe:
+
+* Every JSON file is written by ``write_json_atomic`` (temporary file in the
+  same directory, fsync, ``os.replace``, fsync of the directory), so a reader
+  sees the old file or the new one, never a torn one.
+* No manifest, no checkpoint: ``write_manifest`` hashes (and fsyncs) every
+  image file first and writes ``manifest.json`` last.  Deleting images removes
+  the manifest first, so a crash mid-delete leaves an uncommitted dir.
+* Two-phase commit of a coordinated checkpoint: ``begin_checkpoint`` writes the
+  pending marker *before* any agent writes images; ``commit_checkpoint`` writes
+  ``<id>.json`` and then drops the marker; ``abort_checkpoint`` deletes the
+  images the marker names and then the marker.  An orchestrator started
+  again aborts every ``pending_checkpoints`` entry.  A marker whose
+  committed record exists (crash between the two steps) is never aborted:
+  it is just removed.
+* Seqs are never reused: ``reserve_seq`` records the high-water mark in
+  ``.last_seq``, so a seq whose partial dir was deleted is not handed out again.
+
+``verify_manifest`` ignores files that the manifest does not list (by default):
+restore tools write logs into the images directory (``criu restore`` writes
+``restore.log`` there), and a second restart from the same checkpoint must
+still verify.  Every file the manifest names is checked for presence, size
+and sha256, so an image cannot be altered unnoticed.  ``strict=True`` rejects
+extra files too.
+
+All functions block (file I/O, hashing); asyncio callers run them in a thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = [
+    "Store", "StoreError", "CorruptCheckpoint", "JobNotFound", "CheckpointNotFound",
+    "write_json_atomic", "read_json", "write_manifest", "verify_manifest", "MANIFEST",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+_CHUNK = 1 << 20
+_TMP_PREFIX = ".tmp-"
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_PENDING_SUFFIX = ".pending.json"
+
+
+class StoreError(RuntimeError):
+    """A store operation that cannot be done; the message says which file and why."""
+
+
+class CorruptCheckpoint(StoreError):
+    """A checkpoint's images do not match their manifest (or there is no manifest)."""
+
+
+class JobNotFound(StoreError):
+    """No such job in the store."""
+
+
+class CheckpointNotFound(StoreError):
+    """No such committed checkpoint."""
+
+
+# ---------------------------------------------------------------------------
+# atomic files
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some file systems refuse fsync on a directory
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` so readers see the old or the new file, never
+    a torn one: tmp file in the same dir, fsync, ``os.replace``, fsync of the dir.
+    Creates the parent directories."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file; ``StoreError`` naming the file if it is not valid JSON.
+    ``FileNotFoundError`` passes through."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path}: not valid JSON: {e}") from None
+
+
+# ---------------------------------------------------------------------------
+# manifests
+
+
+def _is_tmp(name: str) -> bool:
+    return name.startswith(_TMP_PREFIX)
+
+
+def _image_files(images_dir: Path) -> Iterator[tuple[str, Path]]:
+    """(relpath, path) of every regular file under images_dir, except the manifest
+    and our temporary files, sorted.  Anything else than files and dirs is an error."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(images_dir):
+        d = Path(dirpath)
+        for name in list(dirnames):
+            if (d / name).is_symlink():
+                raise StoreError(f"{d / name}: a symlink in an images directory is not allowed")
+        for name in filenames:
+            p = d / name
+            rel = p.relative_to(images_dir).as_posix()
+            if rel == MANIFEST or _is_tmp(name):
+                continue
+            st = os.lstat(p)
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreError(f"{p}: not a regular file; images directories hold regular files only")
+            out.append((rel, p))
+    out.sort()
+    return iter(out)
+
+
+def _hash_file(path: Path, fsync: bool) -> tuple[int, str]:
+    """(size, sha256 hex) of a file, read in 1 MiB chunks; optionally fsync it."""
+    h = hashlib.sha256()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        expected = os.fstat(f.fileno()).st_size
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+            size += n
+        if fsync:
+            os.fsync(f.fileno())
+    if size != expected:
+        raise StoreError(f"{path}: changed while being hashed ({expected} -> {size} bytes)")
+    return size, h.hexdigest()
+
+
+def write_manifest(images_dir: str | os.PathLike[str], meta: dict[str, Any],
+                   fsync: bool = True) -> dict[str, Any]:
+    """Hash and size every image file under ``images_dir`` and write ``manifest.json``
+    last, by atomic rename.  Returns the manifest.
+
+    The manifest is ``meta`` (checkpointer, node, stages_ms, job, unit, seq ...)
+    plus ``format``, ``created`` (unless given), ``files`` ({relpath: {size, sha256}})
+    and ``bytes`` (total); the computed keys win over keys of the same name in meta.
+    With ``fsync`` (default) the image files and their directories are fsynced
+    before the manifest is written, so a committed checkpoint survives a power cut.
+    """
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise StoreError(f"{images_dir}: images directory does not exist")
+    files: dict[str, dict[str, Any]] = {}
+    dirs: set[Path] = set()
+    total = 0
+    for rel, p in _image_files(images_dir):
+        size, digest = _hash_file(p, fsync)
+        files[rel] = {"size": size, "sha256": digest}
+        total += size
+        dirs.add(p.parent)
+    if fsync:
+        for d in dirs:
+            if d != images_dir:
+                _fsync_dir(d)
+    manifest = dict(meta)
+    manifest.setdefault("created", time.time())
+    manifest.update(format=MANIFEST_FORMAT, files=files, bytes=total)
+    write_json_atomic(images_dir / MANIFEST, manifest)  # fsyncs images_dir itself
+    return manifest
+
+
+def verify_manifest(images_dir: str | os.PathLike[str], strict: bool = False) -> dict[str, Any]:
+    """Check every file the manifest names (presence, size, sha256); return the manifest.
+
+    Raises ``CorruptCheckpoint`` naming the file and what is wrong: no manifest,
+    unparsable manifest, missing file, truncated (or grown) file, sha256
+    mismatch (tampered).  Files the manifest does not name are ignored unless
+    ``strict`` (see the module docstring for why).
+    """
+    images_dir = Path(images_dir)
+    mpath = images_dir / MANIFEST
+    if not images_dir.is_dir():
+        raise CorruptCheckpoint(f"{images_dir}: images directory is missing")
+    try:
+        manifest = read_json(mpath)
+    except FileNotFoundError:
+        raise CorruptCheckpoint(f"{mpath}: missing: the checkpoint was never committed") from None
+    except StoreError as e:
+        raise CorruptCheckpoint(f"{e} (unparsable manifest)") from None
+    except OSError as e:
+        raise CorruptCheckpoint(f"{mpath}: cannot read: {e.strerror or e}") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise CorruptCheckpoint(f"{mpath}: malformed manifest: no 'files' table")
+    for rel, entry in sorted(files.items()):
+        if (not isinstance(entry, dict) or isinstance(entry.get("size"), bool)
+                or not isinstance(entry.get("size"), int)
+                or not isinstance(entry.get("sha256"), str)
+                or not _SHA256_RE.fullmatch(entry["sha256"])):
+            raise CorruptCheckpoint(f"{mpath}: malformed manifest entry for {rel!r}")
+        parts = Path(rel).parts
+        if not rel or Path(rel).is_absolute() or ".." in parts or rel == MANIFEST:
+            raise CorruptCheckpoint(f"{mpath}: malformed manifest: bad file name {rel!r}")
+        p = images_dir / rel
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"{p}: missing (listed in the manifest)") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptCheckpoint(f"{p}: not a regular file")
+        want = entry["size"]
+        if st.st_size < want:
+            raise CorruptCheckpoint(f"{p}: truncated: {st.st_size} bytes, manifest says {want}")
+        if st.st_size > want:
+            raise CorruptCheckpoint(f"{p}: size mismatch: {st.st_size} bytes, manifest says {want}")
+        try:
+            size, digest = _hash_file(p, fsync=False)
+        except StoreError as e:
+            raise CorruptCheckpoint(str(e)) from None
+        except OSError as e:
+            raise CorruptCheckpoint(f"{p}: cannot read: {e.strerror or e}") from None
+        if size != want:
+            raise CorruptCheckpoint(f"{p}: size mismatch: {size} bytes, manifest says {want}")
+        if digest != entry["sha256"]:
+            raise CorruptCheckpoint(f"{p}: sha256 mismatch: the image was modified (tampered)")
+    if strict:
+        for rel, p in _image_files(images_dir):
+            if rel not in files:
+                raise CorruptCheckpoint(f"{p}: extra file not in the manifest")
+    return manifest
+
+
+# ---------------------------------------------------------------------------
+# the store
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"invalid {kind} name {name!r} (letters, digits, '_', '.', '-')")
+    return name
+
+
+def _check_seq(seq: int) -> int:
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+        raise ValueError(f"invalid checkpoint seq {seq!r} (an integer >= 1)")
+    return seq
+
+
+def _check_ckpt_id(ckpt_id: str) -> str:
+    _check_name("checkpoint id", ckpt_id)
+    if ckpt_id.startswith(".") or ckpt_id.endswith(".pending"):
+        raise ValueError(f"invalid checkpoint id {ckpt_id!r}")
+    return ckpt_id
+
+
+class Store:
+    """A checkpoint store rooted at ``root`` (see the module docstring for the layout)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    # -- paths ------------------------------------------------------------
+
+    def job_dir(self, job: str) -> Path:
+        return self.root / "jobs" / _check_name("job", job)
+
+    def unit_dir(self, job: str, unit: str) -> Path:
+        return self.job_dir(job) / "units" / _check_name("unit", unit)
+
+    def images_dir(self, job: str, unit: str, seq: int) -> Path:
+        """``units/<unit>/<seq>`` (not created: see ``reserve_seq``)."""
+        return self.unit_dir(job, unit) / str(_check_seq(seq))
+
+    def checkpoints_dir(self, job: str) -> Path:
+        return self.job_dir(job) / "checkpoints"
+
+    def determinants_dir(self, job: str) -> Path:
+        return self.job_dir(job) / "determinants"
+
+    def _checkpoint_path(self, job: str, ckpt_id: str) -> Path:
+        return self.checkpoints_dir(job) / f"{_check_ckpt_id(ckpt_id)}.json"
+
+    def _pending_path(self, job: str, ckpt_id: str) -> Path:
+        return self.checkpoints_dir(job) / f"{_check_ckpt_id(ckpt_id)}{_PENDING_SUFFIX}"
+
+    # -- jobs -------------------------------------------------------------
+
+    def save_job(self, job: str, meta: dict[str, Any]) -> None:
+        """Write ``job.json`` atomically (creates the job directory)."""
+        write_json_atomic(self.job_dir(job) / "job.json", meta)
+
+    def load_job(self, job: str) -> dict[str, Any]:
+        """``job.json`` of a job; ``JobNotFound`` if there is none."""
+        try:
+            return read_json(self.job_dir(job) / "job.json")
+        except FileNotFoundError:
+            raise JobNotFound(f"no job {job!r} in the store {self.root}") from None
+
+    def list_jobs(self) -> list[str]:
+        """Names of the jobs that have a ``job.json``, sorted."""
+        jobs = self.root / "jobs"
+        if not jobs.is_dir():
+            return []
+        return sorted(p.name for p in jobs.iterdir()
+                      if _NAME_RE.fullmatch(p.name) and (p / "job.json").is_file())
+
+    # -- unit checkpoints (seqs) -------------------------------------------
+
+    def _seq_dirs(self, job: str, unit: str) -> list[int]:
+        d = self.unit_dir(job, unit)
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return []
+        return sorted(int(n) for n in names
+                      if n.isdigit() and n == str(int(n)) and int(n) >= 1 and (d / n).is_dir())
+
+    def _last_seq_mark(self, job: str, unit: str) -> int:
+        try:
+            value = read_json(self.unit_dir(job, unit) / ".last_seq")
+        except (FileNotFoundError, StoreError):
+            return 0
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    def next_seq(self, job: str, unit: str) -> int:
+        """1 + the highest seq ever used by this unit: existing dirs (committed or
+        partial), pending markers and the high-water mark of ``reserve_seq``.
+        Does not reserve it; two writers must use ``reserve_seq``."""
+        highest = max([0, self._last_seq_mark(job, unit), *self._seq_dirs(job, unit)])
+        for marker in self.pending_checkpoints(job):
+            seq = marker.get("units", {}).get(unit)
+            if isinstance(seq, int):
+                highest = max(highest, seq)
+        return highest + 1
+
+    def reserve_seq(self, job: str, unit: str) -> int:
+        """Hand out a new seq for a unit: create its (empty) images dir and record the
+        high-water mark, under a lock file so concurrent callers get distinct seqs."""
+        udir = self.unit_dir(job, unit)
+        udir.mkdir(parents=True, exist_ok=True)
+        with self._locked(udir / ".seq.lock"):
+            seq = self.next_seq(job, unit)
+            while True:
+                try:
+                    (udir / str(seq)).mkdir()
+                    break
+                except FileExistsError:
+                    seq += 1
+            write_json_atomic(udir / ".last_seq", seq)
+        return seq
+
+    @contextmanager
+    def _locked(self, path: Path) -> Iterator[None]:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def unit_checkpoints(self, job: str, unit: str) -> list[int]:
+        """Seqs of the unit's committed checkpoints (those with a manifest), ascending."""
+        d = self.unit_dir(job, unit)
+        return [s for s in self._seq_dirs(job, unit) if (d / str(s) / MANIFEST).is_file()]
+
+    def units(self, job: str) -> list[str]:
+        """Names of the units that have a directory in the store."""
+        d = self.job_dir(job) / "units"
+        if not d.is_dir():
+            return []
+        return sorted(p.name for p in d.iterdir() if p.is_dir() and _NAME_RE.fullmatch(p.name))
+
+    def delete_images(self, job: str, unit: str, seq: int) -> bool:
+        """Delete one unit checkpoint's images (manifest first, so a crash midway
+        leaves an uncommitted dir).  Refuses (``StoreError``) images that a committed
+        coordinated checkpoint still names: delete that checkpoint first.
+        Returns False if there was nothing to delete."""
+        d = self.images_dir(job, unit, seq)
+        users = [c["id"] for c in self.list_checkpoints(job)
+                 if c.get("units", {}).get(unit) == seq]
+        if users:
+            raise StoreError(f"{d}: still used by committed checkpoint(s) {', '.join(users)}")
+        return self._remove_images(d)
+
+    def _remove_images(self, d: Path) -> bool:
+        if not d.exists():
+            return False
+        try:
+            (d / MANIFEST).unlink()
+            _fsync_dir(d)
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(d)
+        _fsync_dir(d.parent)
+        return True
+
+    def remove_partial(self, job: str, min_age: float = 0.0) -> list[tuple[str, int]]:
+        """Delete seq dirs that have no manifest and that no checkpoint (committed or
+        pending) names; for recovery after an orchestrator crash.
+
+        ``min_age`` (seconds) spares dirs modified more recently, e.g. an
+        independent checkpoint an agent is writing right now.  Never touches a
+        committed unit checkpoint, nor a dir a committed coordinated checkpoint
+        names even if its manifest is gone (that is corruption to report, not
+        to sweep away).  Returns the (unit, seq) pairs removed.
+        """
+        named: set[tuple[str, int]] = set()
+        for rec in self.list_checkpoints(job) + self.pending_checkpoints(job):
+            for unit, seq in rec.get("units", {}).items():
+                named.add((unit, seq))
+        now = time.time()
+        removed = []
+        for unit in self.units(job):
+            udir = self.unit_dir(job, unit)
+            for seq in self._seq_dirs(job, unit):
+                d = udir / str(seq)
+                if (d / MANIFEST).is_file() or (unit, seq) in named:
+                    continue
+                if min_age > 0:
+                    try:
+                        if now - d.stat().st_mtime < min_age:
+                            continue
+                    except FileNotFoundError:
+                        continue
+                if self._remove_images(d):
+                    removed.append((unit, seq))
+        return removed
+
+    # -- coordinated checkpoints (two-phase) ---------------------------------
+
+    def begin_checkpoint(self, job: str, ckpt_id: str, units: dict[str, int],
+                         meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Phase one: record that checkpoint ``ckpt_id`` with these unit seqs is under
+        way (write this before any agent writes images).  Idempotent for the same units."""
+        units = {_check_name("unit", u): _check_seq(s) for u, s in units.items()}
+        if self._checkpoint_path(job, ckpt_id).exists():
+            raise StoreError(f"checkpoint {ckpt_id!r} of job {job!r} is already committed")
+        path = self._pending_path(job, ckpt_id)
+        if path.exists():
+            old = read_json(path)
+            if old.get("units") != units:
+                raise StoreError(f"{path}: checkpoint {ckpt_id!r} already begun with other units")
+            return old
+        record = {**(meta or {}), "id": ckpt_id, "job": job, "units": units,
+                  "state": "pending", "time": time.time()}
+        write_json_atomic(path, record)
+        return record
+
+    def commit_checkpoint(self, job: str, ckpt_id: str, units: dict[str, int],
+                          meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Phase two: write ``checkpoints/<id>.json`` atomically, then drop the pending
+        marker.  Refuses (``StoreError``) unless every unit's images have a manifest.
+        Idempotent: committing the same id with the same units again returns the record."""
+        units = {_check_name("unit", u): _check_seq(s) for u, s in units.items()}
+        if not units:
+            raise StoreError(f"checkpoint {ckpt_id!r}: no units")
+        path = self._checkpoint_path(job, ckpt_id)
+        if path.exists():
+            old = read_json(path)
+            if old.get("units") != units:
+                raise StoreError(f"{path}: checkpoint {ckpt_id!r} already committed with other units")
+            self._drop_pending(job, ckpt_id)
+            return old
+        for unit, seq in sorted(units.items()):
+            m = self.images_dir(job, unit, seq) / MANIFEST
+            if not m.is_file():
+                raise StoreError(f"{m}: missing; cannot commit checkpoint {ckpt_id!r}")
+        meta = dict(meta or {})
+        record = {**meta, "id": ckpt_id, "job": job, "units": units, "state": "committed",
+                  "time": meta.get("time", time.time())}
+        write_json_atomic(path, record)
+        self._drop_pending(job, ckpt_id)
+        return record
+
+    def _drop_pending(self, job: str, ckpt_id: str) -> None:
+        try:
+            self._pending_path(job, ckpt_id).unlink()
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.checkpoints_dir(job))
+
+    def abort_checkpoint(self, job: str, ckpt_id: str) -> list[tuple[str, int]]:
+        """Abort a pending checkpoint: delete the images its marker names (with or
+        without manifest), then the marker.  Idempotent.  If the checkpoint was
+        committed meanwhile, only the stale marker goes and its images stay.
+        Returns the (unit, seq) pairs whose images were deleted."""
+        path = self._pending_path(job, ckpt_id)
+        if self._checkpoint_path(job, ckpt_id).exists():
+            self._drop_pending(job, ckpt_id)
+            return []
+        try:
+            marker = read_json(path)
+        except FileNotFoundError:
+            return []
+        committed = {(u, s) for c in self.list_checkpoints(job) for u, s in c.get("units", {}).items()}
+        removed = []
+        for unit, seq in sorted(marker.get("units", {}).items()):
+            if (unit, seq) in committed:  # never happens with fresh seqs; guard anyway
+                continue
+            if self._remove_images(self.images_dir(job, unit, seq)):
+                removed.append((unit, seq))
+        self._drop_pending(job, ckpt_id)
+        return removed
+
+    def pending_checkpoints(self, job: str) -> list[dict[str, Any]]:
+        """Markers of checkpoints begun but neither committed nor aborted, oldest first
+        (stale markers of committed checkpoints are removed, not listed)."""
+        out = []
+        for p in self._records(job, pending=True):
+            rec = self._read_record(p)
+            if rec is None:
+                continue
+            ckpt_id = p.name[: -len(_PENDING_SUFFIX)]
+            if (p.parent / f"{ckpt_id}.json").exists():
+                self._drop_pending(job, ckpt_id)
+                continue
+            rec.setdefault("id", ckpt_id)
+            out.append(rec)
+        out.sort(key=lambda r: (r.get("time", 0), r["id"]))
+        return out
+
+    def list_checkpoints(self, job: str) -> list[dict[str, Any]]:
+        """Committed coordinated checkpoints, oldest first (never pending ones)."""
+        out = []
+        for p in self._records(job, pending=False):
+            rec = self._read_record(p)
+            if rec is not None:
+                rec.setdefault("id", p.name[: -len(".json")])
+                out.append(rec)
+        out.sort(key=lambda r: (r.get("time", 0), r["id"]))
+        return out
+
+    def load_checkpoint(self, job: str, ckpt_id: str) -> dict[str, Any]:
+        """A committed checkpoint's record; ``CheckpointNotFound`` otherwise."""
+        path = self._checkpoint_path(job, ckpt_id)
+        try:
+            return read_json(path)
+        except FileNotFoundError:
+            if self._pending_path(job, ckpt_id).exists():
+                raise CheckpointNotFound(
+                    f"checkpoint {ckpt_id!r} of job {job!r} is pending, not committed") from None
+            raise CheckpointNotFound(f"no checkpoint {ckpt_id!r} for job {job!r}") from None
+
+    def delete_checkpoint(self, job: str, ckpt_id: str) -> bool:
+        """Remove a committed checkpoint's record (not its images: ``delete_images``
+        them afterwards, if nothing else uses them).  False if it did not exist."""
+        try:
+            self._checkpoint_path(job, ckpt_id).unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_dir(self.checkpoints_dir(job))
+        return True
+
+    def _records(self, job: str, pending: bool) -> list[Path]:
+        d = self.checkpoints_dir(job)
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return []
+        out = []
+        for n in names:
+            if n.startswith(".") or not n.endswith(".json"):
+                continue
+            if n.endswith(_PENDING_SUFFIX) == pending:
+                out.append(d / n)
+        return out
+
+    @staticmethod
+    def _read_record(path: Path) -> dict[str, Any] | None:
+        try:
+            rec = read_json(path)
+        except FileNotFoundError:
+            return None
+        except StoreError as e:
+            log.warning("skipping unreadable checkpoint record: %s", e)
+            return None
+        if not isinstance(rec, dict) or not isinstance(rec.get("units"), dict):
+            log.warning("skipping malformed checkpoint record: %s", path)
+            return None
+        return rec
