@@ -22,7 +22,7 @@ def ticker(label: str, interval: float) -> None:
     k = 0
     while True:
         k += 1
-        print(f"{label} {k}", flush=True)
+        print(f"{label} {k}\n", end="", flush=True)
         time.sleep(interval)
 
 
@@ -33,9 +33,9 @@ def child(rfd: int, interval: float) -> None:
         for line in pipe:
             n = int(line)
             if n != expected:
-                print(f"child error: got {n}, expected {expected}", flush=True)
+                print(f"child error: got {n}, expected {expected}\n", end="", flush=True)
                 os._exit(3)
-            print(f"child got {n}", flush=True)
+            print(f"child got {n}\n", end="", flush=True)
             expected = n + 1
     os._exit(0)
 
@@ -56,7 +56,7 @@ def main() -> None:
         n = 0
         while True:
             n += 1
-            print(f"parent {n}", flush=True)
+            print(f"parent {n}\n", end="", flush=True)
             pipe.write(f"{n}\n")
             out.write(f"{n}\n")
             time.sleep(interval)

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import importlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -49,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="the story: run, checkpoint, kill a unit, restart from the checkpoint, show the proof")
     s.add_argument("--demo-wait", type=float, default=3.0, help="seconds the demo lets the job run between steps")
     s.add_argument("--kill-unit", default=None, help="the unit the demo kills (default: the first)")
+    s.add_argument("-v", "--verbose", action="store_true", help="log every event, not only warnings")
 
     s = verb("orchestrator", "the job checkpointer daemon")
     s.add_argument("--heartbeat", type=float, default=1.0, help="agents' heartbeat interval, seconds")
@@ -187,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return recovery_line_offline(args.log, args.failed, args.json)
         if args.verb == "recovery-line" and not args.job:
             raise UsageError("gridckpt recovery-line: give a JOB or --log FILE")
-        setup_logging(as_json=args.log_json)
+        quiet = args.verb == "run" and not getattr(args, "verbose", False)
+        setup_logging(as_json=args.log_json, level=logging.WARNING if quiet else logging.INFO)
         if args.verb == "orchestrator":
             from .runner import serve_orchestrator
             return asyncio.run(serve_orchestrator(args))

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from . import protocol
-from .bus.base import Bus, BusError, Delivery, Unroutable
+from .bus.base import Bus, BusError, Delivery, Reject, Unroutable
 from .control import ControlError, dispatch
 from .coordinator import Coordinator
+from .determinants import BadBatch, DeterminantSink
 from .jobs import TERMINAL_UNIT_STATES, AgentInfo, JobState, PlacementError, UnitState, place_units
 from .jobspec import JobFileError, JobSpec
 from .logs import event
@@ -36,6 +37,7 @@ class Orchestrator:
         self.agents: dict[str, AgentInfo] = {}
         self.jobs: dict[str, JobState] = {}
         self.coordinator = Coordinator(self)
+        self.determinants = DeterminantSink(store)
         self._consumers: list[Any] = []
         self._tasks: set[asyncio.Task] = set()
         self._periodic: dict[str, asyncio.Task] = {}
@@ -52,6 +54,8 @@ class Orchestrator:
             protocol.EVENTS_QUEUE, ["events.#"], self._on_event, kind="quorum", prefetch=256))
         self._consumers.append(await self.bus.consume(
             protocol.HEARTBEAT_QUEUE, ["heartbeat.#"], self._on_heartbeat, kind="transient"))
+        self._consumers.append(await self.bus.consume(
+            protocol.DETERMINANTS_QUEUE, ["determinants.#"], self._on_determinants, kind="quorum", prefetch=64))
         self._consumers.append(await self.bus.consume(
             protocol.CONTROL_QUEUE, [protocol.CONTROL_KEY], self._on_control, kind="exclusive", prefetch=16))
         self._spawn(self._watch_agents())
@@ -119,6 +123,14 @@ class Orchestrator:
     # ----------------------------------------------------------------- bus handlers
     async def _on_control(self, msg: dict[str, Any], d: Delivery) -> dict[str, Any]:
         return await dispatch(self.control, msg["op"], msg["args"])
+
+    async def _on_determinants(self, msg: dict[str, Any], d: Delivery) -> None:
+        if msg["job"] not in self.jobs:
+            raise Reject(f"determinants for unknown job {msg['job']!r}")
+        try:
+            await self.determinants.ingest(msg)
+        except BadBatch as exc:
+            raise Reject(str(exc)) from None
 
     async def _on_heartbeat(self, msg: dict[str, Any], d: Delivery) -> None:
         agent = self._touch_agent(msg["site"], msg["node"])
@@ -189,6 +201,8 @@ class Orchestrator:
         if state in ("exited", "failed"):
             unit.exit_code = rep.get("exit_code")
             unit.signal = rep.get("signal")
+        else:
+            unit.exit_code = unit.signal = None
         unit.detail = rep.get("detail", "") or ""
         if changed:
             event(log, "unit " + state, job=job.id, unit=unit.name, node=unit.node, pid=unit.pid,

@@ -174,7 +174,7 @@ def test_fuzzed_messages_leave_daemons_running(cluster: Cluster, tmp_path: Path)
         await bus.connect()
         try:
             await asyncio.gather(*(bus.publish_raw(keys[i % len(keys)], body, message_id=f"fuzz-{i}")
-                                   for i, body in enumerate(bodies)))
+                                   for i, (_cat, body) in enumerate(bodies)))
             deadline = time.monotonic() + 30
             dead: list = []
             while len(dead) < len(bodies) and time.monotonic() < deadline:

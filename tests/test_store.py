@@ -417,3 +417,16 @@ def test_remove_partial_min_age_spares_fresh_dirs(store: Store) -> None:
     os.utime(store.images_dir("j", "a", old), (1, 1))
     assert store.remove_partial("j", min_age=60) == [("a", old)]
     assert store.images_dir("j", "a", fresh).is_dir()
+
+
+def test_manifest_without_syncfs_falls_back_to_fsync(tmp_path: Path, monkeypatch) -> None:
+    d = tmp_path / "img"
+    make_images(d, IMAGES)
+    monkeypatch.setattr(store_mod, "_syncfs", lambda path: False)
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(store_mod.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    write_manifest(d, {})
+    # one fsync per image file, one per directory holding them, plus the manifest and its dir
+    assert len(synced) >= len(IMAGES) + 2
+    verify_manifest(d)

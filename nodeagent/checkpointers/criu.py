@@ -92,7 +92,7 @@ class CriuCheckpointer(Checkpointer):
         self._hashes = Sha256Cache()
         self._cpuinfo: bytes | None = None
         self._init_of: dict[int, int] = {}        # unit root (unshare) -> namespace init
-        self._verified: dict[Path, int] = {}      # images -> meta mtime that passed checks
+        self._cpus_ok: set[bytes] = {b""}         # cpuinfo images this node can run
         self._tree_size: dict[int, int] = {}      # restored root -> processes in its image
         self._exits: dict[int, asyncio.Future[int | None]] = {}
 
@@ -171,26 +171,28 @@ class CriuCheckpointer(Checkpointer):
     # ---------------------------------------------------------------- restart
     async def check_restorable(self, images: Path, manifest: dict[str, Any] | None = None) -> None:
         images = Path(images)
-        meta, stamp = await asyncio.to_thread(_load_meta, images)
+        await self._check(images, await asyncio.to_thread(_load_meta, images))
+
+    async def _check(self, images: Path, meta: dict[str, Any]) -> None:
         problems = await asyncio.to_thread(self._file_problems, meta, images)
         problems += await self._cpu_problems(images)
         if problems:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
             raise RestoreRefused(f"cannot restore {images} on this node: {shown}")
-        self._verified[images] = stamp
 
     async def _cpu_problems(self, images: Path) -> list[str]:
         try:
             wanted = (images / CPUINFO_FILE).read_bytes()
         except OSError:
             return [f"{CPUINFO_FILE} is missing from the images"]
-        if wanted == await self._node_cpuinfo():
+        if wanted in self._cpus_ok or wanted == await self._node_cpuinfo():
             return []
         try:
             await self.runner.run("criu cpuinfo check", ["cpuinfo", "check", "-D", str(images)],
-                                  f"cpuinfo-check-{uuid.uuid4().hex[:8]}.log")
+                                  "cpuinfo-check.log")
         except CheckpointError as e:
             return [f"the CPU lacks what the checkpointed node had ({e})"]
+        self._cpus_ok.add(wanted)
         return []
 
     def _file_problems(self, meta: dict[str, Any], images: Path) -> list[str]:
@@ -228,9 +230,8 @@ class CriuCheckpointer(Checkpointer):
 
     async def rebuild(self, unit: UnitProcess, images: Path) -> None:
         images = Path(images)
-        meta, stamp = await asyncio.to_thread(_load_meta, images)
-        if self._verified.get(images) != stamp:
-            await self.check_restorable(images, {})
+        meta = await asyncio.to_thread(_load_meta, images)
+        await self._check(images, meta)                 # cheap: stat()s, cached CPU verdict
         await asyncio.to_thread(_roll_back_files, meta, images)
         tag = f"{_safe(unit.job)}-{_safe(unit.name)}-{uuid.uuid4().hex[:8]}"
         pidfile = self.runner.work_dir / f"restore-{tag}.pid"
@@ -287,14 +288,17 @@ class CriuCheckpointer(Checkpointer):
         return done.result() if done is not None and done.done() else None
 
     async def wait_exit(self, pid: int) -> int | None:
-        """Wait until a restored root exits; its exit code (None if reaped elsewhere)."""
-        return await asyncio.shield(self._exits[pid])
+        """Wait until a restored root exits; its exit code.
+
+        None at once for a pid this checkpointer did not restore, or None if reaped elsewhere.
+        """
+        done = self._exits.get(pid)
+        return None if done is None else await asyncio.shield(done)
 
 
-def _load_meta(images: Path) -> tuple[dict[str, Any], int]:
+def _load_meta(images: Path) -> dict[str, Any]:
     path = images / META_FILE
     try:
-        stamp = path.stat().st_mtime_ns
         meta = json.loads(path.read_text())
     except FileNotFoundError:
         raise RestoreRefused(f"{images} holds no criu checkpoint ({META_FILE} is missing)") from None
@@ -302,7 +306,7 @@ def _load_meta(images: Path) -> tuple[dict[str, Any], int]:
         raise RestoreRefused(f"{path} is unreadable: {e}") from None
     if meta.get("version") != META_VERSION:
         raise RestoreRefused(f"{path} has version {meta.get('version')}, expected {META_VERSION}")
-    return meta, stamp
+    return meta
 
 
 def _roll_back_files(meta: dict[str, Any], images: Path) -> None:

@@ -44,6 +44,10 @@ class RequestTimeout(BusError):
     """No reply to a request in time."""
 
 
+class Reject(BusError):
+    """Raised by a handler: the message is well-formed but unacceptable; dead-letter it now."""
+
+
 @dataclass
 class Delivery:
     """What a handler learns about a delivery besides the message itself."""

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .. import protocol
-from .base import Delivery, Handler
+from .base import Delivery, Handler, Reject
 
 log = logging.getLogger("gridckpt.bus")
 
@@ -72,6 +72,11 @@ async def decide(queue: str, body: bytes, delivery: Delivery, handler: Handler, 
     delivery.message_id = mid
     try:
         result = await handler(msg, delivery)
+    except Reject as exc:
+        reason = f"{msg['type']} {mid} rejected on queue {queue}: {exc}"
+        log.warning("dead-lettering %s", reason)
+        seen.add(mid)
+        return Outcome("dead", reason)
     except Exception as exc:  # a failing handler must not kill the consumer
         reason = f"handler for {msg['type']} {mid} on queue {queue} raised {type(exc).__name__}: {exc}"
         log.warning("%s; requeued", reason)

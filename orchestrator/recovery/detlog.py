@@ -64,6 +64,17 @@ def _pack(words: list[int] | array) -> bytes:
     return a.tobytes()
 
 
+def _repair_json_file(path: str) -> None:
+    """Cut a torn last line (no newline: the write never completed) so appends stay aligned."""
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    except FileNotFoundError:
+        pass
+
+
 def _read_json_lines(path: str) -> list:
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
@@ -87,10 +98,14 @@ def _read_json_lines(path: str) -> list:
 class DeterminantLog:
     """The determinant log of one job, stored in ``directory``."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, durable: bool = True):
+        """Open (creating if needed) the log in ``directory``; ``durable=False`` skips fsync."""
         self.dir = directory
+        self.durable = durable
         os.makedirs(directory, exist_ok=True)
         self._lock = threading.RLock()
+        _repair_json_file(self._path("conns.jsonl"))
+        _repair_json_file(self._path("events.jsonl"))
         self._conn_names: list[str] = [n for n in _read_json_lines(self._path("conns.jsonl"))]
         self._conn_ids = {name: i for i, name in enumerate(self._conn_names)}
         self._index: dict[str, int] = {}
@@ -99,10 +114,16 @@ class DeterminantLog:
         self._floors: dict[str, int] = {}
         self._unordered: set[str] = set()
         self._tails: dict[str, dict[int, tuple[int, int]]] = {}
+        self._trimmed: set[str] = set()
         for ev in _read_json_lines(self._path("events.jsonl")):
             self._apply(ev)
 
     # ------------------------------------------------------------------ helpers
+    def _sync(self, f) -> None:
+        f.flush()
+        if self.durable:
+            os.fsync(f.fileno())
+
     def _path(self, name: str) -> str:
         return os.path.join(self.dir, name)
 
@@ -133,8 +154,7 @@ class DeterminantLog:
         with open(self._path("events.jsonl"), "a", encoding="utf-8",
                   errors="surrogateescape") as f:
             f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+            self._sync(f)
         self._apply(ev)
 
     def _conn_id(self, conn: str, fresh: list[str]) -> int:
@@ -228,14 +248,25 @@ class DeterminantLog:
                 with open(self._path("conns.jsonl"), "a", encoding="utf-8",
                           errors="surrogateescape") as f:
                     f.write("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in fresh))
-                    f.flush()
-                    os.fsync(f.fileno())
+                    self._sync(f)
             words = self._keep_order(unit, words)
+            self._trim_torn_tail(unit)
             with open(self.unit_file(unit), "ab") as f:
                 f.write(_pack(words))
-                f.flush()
-                os.fsync(f.fileno())
+                self._sync(f)
             return len(words) // 3
+
+    def _trim_torn_tail(self, unit: str) -> None:
+        """Before the first append of this process to a unit file, cut a torn record."""
+        if unit in self._trimmed:
+            return
+        try:
+            size = os.path.getsize(self.unit_file(unit))
+        except FileNotFoundError:
+            size = 0
+        if size % RECORD_SIZE:
+            os.truncate(self.unit_file(unit), size - size % RECORD_SIZE)
+        self._trimmed.add(unit)
 
     def _keep_order(self, unit: str, words: array) -> array:
         """Check that the batch continues every stream in order; sort it if that helps,
@@ -432,8 +463,7 @@ class DeterminantLog:
         tmp = self.unit_file(unit) + ".tmp"
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            self._sync(f)
         os.replace(tmp, self.unit_file(unit))
         return before, len(data) // RECORD_SIZE
 

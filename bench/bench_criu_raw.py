@@ -1,0 +1,231 @@
+"""Raw CRIU vs the CRIU backend: checkpoint and restart of one C process with 5 MB of memory.
+
+    python bench/bench_criu_raw.py [--runs 10] [--megabytes 5]
+
+(a) raw ``criu dump`` / ``criu restore`` on the command line (the baseline) and (b) the same
+through CriuCheckpointer (its checkpoint stage; rebuild + resume_rst), median of ``--runs``.
+Both dump the same program (examples/counter.c) started as the backend starts units (its own
+PID namespace) and frozen in a cgroup v1 freezer first, as the agent's stop stage does; both
+restore with ``--restore-sibling`` so the restored tree outlives criu.  Times are wall clock
+around the whole call, criu's fork/exec included.
+
+Importable: ``raw_cli(runs, megabytes)`` and ``backend(runs, megabytes)`` return per-stage
+lists of milliseconds; ``table(results)`` formats them.  Needs root, CRIU 4.x and gcc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from nodeagent.checkpointers.criu import CriuCheckpointer  # noqa: E402
+from nodeagent.checkpointers.criu_cli import find_criu  # noqa: E402
+from nodeagent.checkpointers.criu_inspect import ns_pids, tree_pids  # noqa: E402
+
+FREEZER = Path("/sys/fs/cgroup/freezer")
+
+
+@dataclass
+class BenchUnit:
+    """The bits of a unit the backend needs (base.UnitProcess), plus start/freeze/kill."""
+
+    job: str
+    name: str
+    unit_dir: Path
+    spec: dict[str, Any] = field(default_factory=dict)
+    root_pid: int | None = None
+    freezer_path: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+
+    def pids(self) -> list[int]:
+        return tree_pids(self.root_pid) if self.root_pid else []
+
+    def start(self, argv: list[str]) -> None:
+        self.unit_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.unit_dir / "stdout", "wb") as out:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, cwd=self.unit_dir,
+                                         start_new_session=True)
+        self.root_pid = self.proc.pid
+        deadline = time.monotonic() + 5
+        while len(self.pids()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def init_pid(self) -> int:
+        return next(p for p in self.pids() if ns_pids(p)[-1] == 1)
+
+    def freeze(self) -> None:
+        path = FREEZER / f"gridckpt-bench-{uuid.uuid4().hex[:8]}"
+        path.mkdir()
+        self.freezer_path = str(path)
+        for pid in self.pids():
+            (path / "cgroup.procs").write_text(str(pid))
+        (path / "freezer.state").write_text("FROZEN")
+        while (path / "freezer.state").read_text().strip() != "FROZEN":
+            time.sleep(0.001)
+
+    def thaw(self) -> None:
+        if self.freezer_path:
+            path = Path(self.freezer_path)
+            (path / "freezer.state").write_text("THAWED")
+            for pid in (path / "cgroup.procs").read_text().split():
+                try:
+                    (FREEZER / "cgroup.procs").write_text(pid)
+                except OSError:
+                    pass
+            path.rmdir()
+            self.freezer_path = None
+
+    def kill_launched(self) -> None:
+        self.thaw()
+        os.kill(self.init_pid(), signal.SIGKILL)
+        assert self.proc is not None
+        self.proc.wait(5)
+        self.proc = None
+
+
+def build_counter(workdir: Path) -> Path:
+    binary = workdir / "counter"
+    subprocess.run(["gcc", "-O2", "-o", str(binary), str(REPO / "examples" / "counter.c")], check=True)
+    return binary
+
+
+def _wait_output(unit: BenchUnit) -> None:
+    deadline = time.monotonic() + 5
+    while (unit.unit_dir / "stdout").read_text().count("count ") < 3:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the counter does not run")
+        time.sleep(0.01)
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000
+
+
+def raw_cli(runs: int = 10, megabytes: int = 5) -> dict[str, list[float]]:
+    """Raw ``criu dump`` and ``criu restore`` on the command line; milliseconds per run."""
+    criu = find_criu()
+    out: dict[str, list[float]] = {"dump": [], "restore": []}
+    with tempfile.TemporaryDirectory(prefix="bench-criu-raw-") as tmp:
+        work = Path(tmp)
+        binary = build_counter(work)
+        unit = BenchUnit("bench", "raw", work / "unit")
+        argv = [str(binary), str(megabytes), str(unit.unit_dir / "out"), "20"]
+        unit.start(CriuCheckpointer(work_dir=work).plan_launch(unit, argv).argv)   # same wrapping
+        try:
+            _wait_output(unit)
+            dumps = []
+            for i in range(runs):
+                images = work / f"img{i}"
+                images.mkdir()
+                unit.freeze()
+                sizes = {p: p.stat().st_size for p in (unit.unit_dir / "stdout", unit.unit_dir / "out")}
+                t = time.perf_counter()
+                subprocess.run([criu, "dump", "-t", str(unit.init_pid()), "-D", str(images),
+                                "--leave-running", "--freeze-cgroup", unit.freezer_path,
+                                "-W", str(work), "-o", "dump.log"], check=True)
+                out["dump"].append(_ms(t))
+                unit.thaw()
+                dumps.append((images, sizes))
+                time.sleep(0.03)
+        finally:
+            unit.kill_launched()
+        for images, sizes in dumps:
+            for path, size in sizes.items():
+                os.truncate(path, size)
+            pidfile = work / "restored.pid"
+            t = time.perf_counter()
+            subprocess.run([criu, "restore", "-D", str(images), "--restore-detached",
+                            "--restore-sibling", "--pidfile", str(pidfile), "-W", str(work),
+                            "-o", "restore.log"],
+                           check=True)
+            out["restore"].append(_ms(t))
+            pid = int(pidfile.read_text())
+            pidfile.unlink()
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    return out
+
+
+async def backend(runs: int = 10, megabytes: int = 5) -> dict[str, list[float]]:
+    """CriuCheckpointer's checkpoint stage and rebuild + resume_rst; milliseconds per run."""
+    out: dict[str, list[float]] = {"checkpoint": [], "rebuild": [], "resume_rst": [], "restart": []}
+    with tempfile.TemporaryDirectory(prefix="bench-criu-backend-") as tmp:
+        work = Path(tmp)
+        binary = build_counter(work)
+        ckpt = CriuCheckpointer(work_dir=work / "criu")
+        unit = BenchUnit("bench", "backend", work / "unit")
+        unit.start(ckpt.plan_launch(unit, [str(binary), str(megabytes), str(unit.unit_dir / "out"), "20"]).argv)
+        try:
+            _wait_output(unit)
+            await ckpt.prepare(unit, work / "warm")        # the prepare stage: CPU description
+            images_list = []
+            for i in range(runs):
+                images = work / f"img{i}"
+                unit.freeze()
+                t = time.perf_counter()
+                await ckpt.checkpoint(unit, images)
+                out["checkpoint"].append(_ms(t))
+                unit.thaw()
+                images_list.append(images)
+                await asyncio.sleep(0.03)
+        finally:
+            unit.kill_launched()
+        for images in images_list:
+            t = time.perf_counter()
+            await ckpt.rebuild(unit, images)
+            t1 = time.perf_counter()
+            await ckpt.resume_rst(unit)
+            t2 = time.perf_counter()
+            out["rebuild"].append((t1 - t) * 1000)
+            out["resume_rst"].append((t2 - t1) * 1000)
+            out["restart"].append((t2 - t) * 1000)
+            pid = unit.root_pid
+            os.kill(pid, signal.SIGKILL)
+            await ckpt.wait_exit(pid)
+    return out
+
+
+def table(results: dict[str, dict[str, list[float]]]) -> str:
+    """Median / min / max per (column, stage), one row each."""
+    rows = [f"{'what':<10} {'stage':<12} {'median ms':>10} {'min':>8} {'max':>8} {'runs':>5}"]
+    for what, stages in results.items():
+        for stage, values in stages.items():
+            rows.append(f"{what:<10} {stage:<12} {statistics.median(values):>10.1f} "
+                        f"{min(values):>8.1f} {max(values):>8.1f} {len(values):>5}")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--megabytes", type=int, default=5)
+    args = parser.parse_args()
+    if args.runs < 1 or args.megabytes < 0:
+        parser.error("--runs must be >= 1 and --megabytes >= 0")
+    raw = raw_cli(args.runs, args.megabytes)
+    ours = asyncio.run(backend(args.runs, args.megabytes))
+    print(table({"raw criu": raw, "backend": ours}))
+    dump, restore = statistics.median(raw["dump"]), statistics.median(raw["restore"])
+    print(f"\ncheckpoint stage / raw dump: {statistics.median(ours['checkpoint']) / dump:.2f}x"
+          f"   restart (rebuild+resume_rst) / raw restore: {statistics.median(ours['restart']) / restore:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""The app checkpointer on real programs: examples/counter_app.py saves and restores itself."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nodeagent.appclient import AppClient
+from nodeagent.checkpointers.app import AppCheckpointer, socket_path_for
+from nodeagent.checkpointers.base import CheckpointError
+from nodeagent.stages import UnitStageRunner
+from nodeagent.units import Unit
+from orchestrator.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+COUNTER = str(ROOT / "examples" / "counter_app.py")
+PY = sys.executable
+
+
+def counts(u: Unit) -> list[int]:
+    return [int(m) for m in re.findall(r"^count (\d+)$", (u.unit_dir / "stdout").read_text(), re.M)]
+
+
+async def wait_for(pred, timeout: float = 10.0, step: float = 0.01) -> None:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(step)
+
+
+@pytest.fixture
+async def env(tmp_path):
+    """A store, a runner with a short-timeout app backend, and cleanup of every unit."""
+    store = Store(tmp_path / "store")
+    backend = AppCheckpointer(timeout=5.0, connect_timeout=10.0)
+    runner = UnitStageRunner(store, node="n1", backends={"app": backend}, callback_timeout=5.0)
+    units: list[Unit] = []
+
+    async def start(name: str, command: list[str], **spec) -> Unit:
+        spec = {"command": command, "checkpointer": "app", **spec}
+        u = Unit("job1", name, spec, store.unit_dir("job1", name), cwd=ROOT)
+        units.append(u)
+        await u.launch(backend.plan_launch(u, command))
+        return u
+
+    yield store, backend, runner, start
+    for u in units:
+        await u.close()
+        await runner.release(u)
+
+
+async def checkpoint(runner, u, cid, seq) -> dict:
+    out = {}
+    for stage in ("prepare", "stop", "checkpoint", "resume_cp"):
+        out[stage] = await runner.run(u, stage, cid, seq)
+    return out
+
+
+async def test_checkpoint_then_restart_continues_from_saved_count(env):
+    store, backend, runner, start = env
+    u = await start("c", [PY, COUNTER, "--interval", "0.01"])
+    await wait_for(lambda: len(counts(u)) >= 5)
+    res = await checkpoint(runner, u, "ck1", 1)
+    images = store.images_dir("job1", "c", 1)
+    saved = json.loads((images / "counter.json").read_text())["count"]
+    manifest = json.loads((images / "manifest.json").read_text())
+    assert manifest["checkpointer"] == "app" and "counter.json" in manifest["files"]
+    assert set(manifest["stages_ms"]) >= {"prepare", "stop", "checkpoint"}
+    assert res["checkpoint"]["data"]["bytes"] == manifest["bytes"] > 0
+    assert all(r["ms"] >= 0 for r in res.values())
+    # it goes on counting after resume_cp, and got the post-checkpoint hook
+    await wait_for(lambda: max(counts(u)) >= saved + 5)
+    assert "post_checkpoint ck1" in (u.unit_dir / "stdout").read_text()
+
+    # lose it, then rebuild from the checkpoint
+    os.kill(u.root_pid, signal.SIGKILL)
+    assert await u.wait(3) == "failed"
+    lost_at = max(counts(u))
+    assert lost_at > saved
+    reb = await runner.run(u, "rebuild", "rs1", 1)
+    assert u.state == "stopped" and reb["data"]["pid"] == u.root_pid
+    n_lines = len(counts(u))
+    await asyncio.sleep(0.2)
+    assert len(counts(u)) == n_lines, "a rebuilt unit ran before resume_rst"
+    await runner.run(u, "resume_rst", "rs1", 1)
+    assert u.state == "running"
+    await wait_for(lambda: len(counts(u)) >= n_lines + 3)
+    out = (u.unit_dir / "stdout").read_text()
+    assert f"restored count {saved} from {images}" in out
+    assert f"restart callback {images}" in out
+    after = counts(u)[n_lines:]
+    assert after[0] == saved + 1, f"restarted at {after[0]}, not from the checkpoint ({saved})"
+
+
+async def test_failing_pre_checkpoint_callback_aborts_cleanly(env, tmp_path):
+    store, backend, runner, start = env
+    hook = tmp_path / "hook.sh"
+    hook.write_text("#!/bin/sh\necho flushing\necho 'disk full' >&2\nexit 4\n")
+    hook.chmod(0o755)
+    u = await start("c", [PY, COUNTER, "--interval", "0.01"],
+                    callbacks={"pre_checkpoint": [str(hook)]})
+    await wait_for(lambda: len(counts(u)) >= 2)
+    with pytest.raises(CheckpointError) as e:
+        await runner.run(u, "prepare", "ck1", 1)
+    msg = str(e.value)
+    assert "pre_checkpoint" in msg and "exit code 4" in msg and "disk full" in msg
+    assert "\n" not in msg
+    await runner.run(u, "abort", "ck1", 1)
+    assert not store.images_dir("job1", "c", 1).exists()
+    n = max(counts(u))
+    await wait_for(lambda: max(counts(u)) > n + 2)       # still running
+    assert "checkpoint count" not in (u.unit_dir / "stdout").read_text()
+
+
+async def test_abort_after_save_unblocks_the_program(env):
+    store, backend, runner, start = env
+    u = await start("c", [PY, COUNTER, "--interval", "0.01"])
+    await wait_for(lambda: len(counts(u)) >= 2)
+    await runner.run(u, "prepare", "ck1", 1)
+    await runner.run(u, "stop", "ck1", 1)
+    await runner.run(u, "abort", "ck1", 1)
+    assert not store.images_dir("job1", "c", 1).exists()
+    n = max(counts(u))
+    await wait_for(lambda: max(counts(u)) > n + 2)
+
+
+async def test_program_error_and_silence_fail_the_stage(env, tmp_path):
+    store, backend, runner, start = env
+    backend.timeout = 0.5
+    failing = tmp_path / "failing.py"
+    failing.write_text(
+        "import time\nfrom nodeagent.appclient import AppClient\n"
+        "c = AppClient.from_env()\n"
+        "def save(d):\n    raise OSError('quota exceeded')\n"
+        "c.on_checkpoint(save); c.start()\n"
+        "while True: time.sleep(0.05)\n")
+    u = await start("f", [PY, str(failing)])
+    with pytest.raises(CheckpointError, match="refused CHECKPOINT: OSError: quota exceeded"):
+        await runner.run(u, "prepare", "ck1", 1)
+    # a program that never reaches a safe point: the checkpoint times out
+    silent = tmp_path / "silent.py"
+    silent.write_text(
+        "import time\nfrom nodeagent.appclient import AppClient\n"
+        "c = AppClient.from_env(safe_points=True)\n"
+        "c.on_checkpoint(lambda d: None); c.start()\n"
+        "while True: time.sleep(0.05)\n")
+    s = await start("s", [PY, str(silent)])
+    t0 = time.monotonic()
+    with pytest.raises(CheckpointError, match="did not answer CHECKPOINT within 0.5 s"):
+        await runner.run(s, "prepare", "ck1", 1)
+    assert time.monotonic() - t0 < 3
+
+
+async def test_two_connections_both_must_save(env, tmp_path):
+    """A unit of two processes, each with its own connection: both save into the dir."""
+    store, backend, runner, start = env
+    prog = tmp_path / "pair.py"
+    prog.write_text(
+        "import os, time\nfrom nodeagent.appclient import AppClient\n"
+        "child = os.fork()\n"
+        "c = AppClient.from_env()\n"
+        "def save(d):\n    open(os.path.join(d, f'part-{os.getpid()}'), 'w').write('x')\n"
+        "c.on_checkpoint(save); c.start()\n"
+        "while True: time.sleep(0.05)\n")
+    u = await start("p", [PY, str(prog)])
+    await wait_for(lambda: len(backend.connected_pids(u)) == 2)
+    await checkpoint(runner, u, "ck1", 1)
+    parts = sorted(p.name for p in store.images_dir("job1", "p", 1).glob("part-*"))
+    assert parts == sorted(f"part-{pid}" for pid in backend.connected_pids(u))
+
+
+def test_client_is_a_noop_without_the_agent(monkeypatch):
+    monkeypatch.delenv("GRIDCKPT_APP_SOCKET", raising=False)
+    monkeypatch.delenv("GRIDCKPT_RESTORE", raising=False)
+    c = AppClient.from_env()
+    c.on_checkpoint(lambda d: None)
+    assert not c.enabled and c.start() is c and c.restore_path() is None
+    assert c.safe_point() is False
+    c.close()
+    out = subprocess.run([PY, COUNTER, "--to", "3", "--interval", "0"], capture_output=True,
+                         text=True, timeout=20, env={"PATH": os.environ["PATH"]})
+    assert out.returncode == 0 and out.stdout.splitlines()[-1] == "done at 3"
+
+
+def test_socket_path_stays_short(tmp_path):
+    class U:
+        job, name = "j", "u"
+        unit_dir = tmp_path / ("x" * 120) / "units" / "u"
+    p = socket_path_for(U())
+    assert len(p.encode()) <= 100 and p.endswith(".sock")
+    U.unit_dir = tmp_path / "u"
+    assert socket_path_for(U()) == str(tmp_path / "u" / "app.sock")
+
+
+RAW = r'''
+import json, os, socket, time
+state = {"n": 0}
+if os.environ.get("GRIDCKPT_RESTORE"):
+    state = json.load(open(os.path.join(os.environ["GRIDCKPT_RESTORE"], "state.json")))
+    print("restored", state["n"], flush=True)
+s = socket.socket(socket.AF_UNIX); s.connect(os.environ["GRIDCKPT_APP_SOCKET"])
+f = s.makefile("rw", newline="\n")
+f.write(f"HELLO {os.getpid()} 1\n"); f.flush(); assert f.readline().startswith("WELCOME")
+state["n"] = 41 if not os.environ.get("GRIDCKPT_RESTORE") else state["n"] + 1
+for line in f:
+    print("got", line.rstrip("\n"), flush=True)
+    word, _, rest = line.rstrip("\n").partition(" ")
+    if word == "CHECKPOINT":
+        cid, _, d = rest.partition(" ")
+        json.dump(state, open(os.path.join(d, "state.json"), "w"))
+        f.write("DONE\n")
+    else:
+        f.write("OK\n")
+    f.flush()
+'''
+
+
+async def test_protocol_spoken_without_the_client_module(env, tmp_path):
+    """The documented line protocol, spoken by a program that only uses sockets."""
+    store, backend, runner, start = env
+    prog = tmp_path / "raw.py"
+    prog.write_text(RAW)
+    u = await start("r", [PY, str(prog)])
+    await checkpoint(runner, u, "ck7", 1)
+    images = store.images_dir("job1", "r", 1)
+    lines = [ln for ln in (u.unit_dir / "stdout").read_text().splitlines() if ln.startswith("got")]
+    assert lines == ["got PRE_CHECKPOINT ck7", f"got CHECKPOINT ck7 {images}",
+                     "got RESUME ck7", "got POST_CHECKPOINT ck7"]
+    await u.kill()
+    await runner.run(u, "rebuild", "rs1", 1)
+    await runner.run(u, "resume_rst", "rs1", 1)
+    await wait_for(lambda: f"got RESTART {images}" in (u.unit_dir / "stdout").read_text())
+    assert "restored 41" in (u.unit_dir / "stdout").read_text()

@@ -1,0 +1,152 @@
+"""UnitStageRunner: idempotent stages under redelivery, failures, verification on rebuild."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nodeagent.checkpointers import registry
+from nodeagent.checkpointers.app import AppCheckpointer
+from nodeagent.checkpointers.base import CheckpointError, RestoreRefused
+from nodeagent.stages import UnitStageRunner
+from nodeagent.units import Unit
+from orchestrator.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+COUNTER = str(ROOT / "examples" / "counter_app.py")
+PY = sys.executable
+
+
+def stdout(u: Unit) -> str:
+    return (u.unit_dir / "stdout").read_text()
+
+
+def counts(u: Unit) -> list[int]:
+    return [int(m) for m in re.findall(r"^count (\d+)$", stdout(u), re.M)]
+
+
+async def wait_for(pred, timeout: float = 10.0) -> None:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def env(tmp_path):
+    store = Store(tmp_path / "store")
+    backend = AppCheckpointer(timeout=5.0, connect_timeout=10.0)
+    runner = UnitStageRunner(store, node="n1", backends={"app": backend}, callback_timeout=5.0)
+    units: list[Unit] = []
+
+    async def start(name: str, **spec) -> Unit:
+        command = [PY, COUNTER, "--interval", "0.01"]
+        u = Unit("job1", name, {"command": command, "checkpointer": "app", **spec},
+                 store.unit_dir("job1", name), cwd=ROOT)
+        units.append(u)
+        await u.launch(backend.plan_launch(u, command))
+        await wait_for(lambda: len(counts(u)) >= 2)
+        return u
+
+    yield store, runner, start
+    for u in units:
+        await u.close()
+        await runner.release(u)
+
+
+async def test_redelivered_stages_run_once(env):
+    store, runner, start = env
+    u = await start("a")
+    first = await runner.run(u, "prepare", "ck1", 1)
+    again = await runner.run(u, "prepare", "ck1", 1)
+    assert again == first
+    # duplicates arriving together: one execution, the same answer
+    a, b = await asyncio.gather(runner.run(u, "stop", "ck1", 1), runner.run(u, "stop", "ck1", 1))
+    assert a == b and u.state == "stopped"
+    c1 = await runner.run(u, "checkpoint", "ck1", 1)
+    manifest_mtime = (store.images_dir("job1", "a", 1) / "manifest.json").stat().st_mtime_ns
+    assert await runner.run(u, "checkpoint", "ck1", 1) == c1
+    assert (store.images_dir("job1", "a", 1) / "manifest.json").stat().st_mtime_ns == manifest_mtime
+    await runner.run(u, "resume_cp", "ck1", 1)
+    await runner.run(u, "resume_cp", "ck1", 1)
+    await wait_for(lambda: stdout(u).count("post_checkpoint ck1") == 1 and len(counts(u)) > 10)
+    assert stdout(u).count("checkpoint count") == 1, "the program saved twice"
+    assert stdout(u).count("post_checkpoint ck1") == 1
+    # a second checkpoint is a new id: it does run
+    await runner.run(u, "prepare", "ck2", 2)
+    assert stdout(u).count("checkpoint count") == 2
+    await runner.run(u, "abort", "ck2", 2)
+
+
+async def test_failure_is_remembered_not_retried(env, tmp_path):
+    store, runner, start = env
+    log = tmp_path / "calls"
+    u = await start("a", callbacks={"pre_checkpoint": ["sh", "-c", f"echo x >> {log}; echo nope >&2; exit 2"]})
+    for _ in range(2):
+        with pytest.raises(CheckpointError, match=r"pre_checkpoint callback 'sh' failed \(exit code 2\): nope"):
+            await runner.run(u, "prepare", "ck1", 1)
+    assert log.read_text() == "x\n"
+
+
+async def test_unit_dying_before_stop_fails_the_stage(env):
+    store, runner, start = env
+    u = await start("a")
+    await runner.run(u, "prepare", "ck1", 1)
+    os.kill(u.root_pid, signal.SIGKILL)
+    await u.wait(3)
+    with pytest.raises(CheckpointError, match="stop: unit a is not running"):
+        await runner.run(u, "stop", "ck1", 1)
+    res = await runner.run(u, "abort", "ck1", 1)
+    assert res["data"]["deleted"] and not store.images_dir("job1", "a", 1).exists()
+
+
+async def test_rebuild_refuses_tampered_and_uncommitted_images(env):
+    store, runner, start = env
+    u = await start("a")
+    for stage in ("prepare", "stop", "checkpoint", "resume_cp"):
+        await runner.run(u, stage, "ck1", 1)
+    state = store.images_dir("job1", "a", 1) / "counter.json"
+    state.write_text(state.read_text().replace('"count": ', '"count": 9'))
+    with pytest.raises(CheckpointError, match=r"counter.json: .*(sha256|size)"):
+        await runner.run(u, "rebuild", "rs1", 1)
+    assert u.state == "running", "a refused rebuild must not touch the running unit"
+    with pytest.raises(CheckpointError, match="manifest.json: missing"):
+        (store.images_dir("job1", "a", 2)).mkdir(parents=True)
+        await runner.run(u, "rebuild", "rs2", 2)
+
+
+async def test_rebuild_refuses_images_of_another_checkpointer(env):
+    store, runner, start = env
+    u = await start("a")
+    for stage in ("prepare", "stop", "checkpoint", "resume_cp"):
+        await runner.run(u, stage, "ck1", 1)
+    u.spec["checkpointer"] = "criu"
+    with pytest.raises(RestoreRefused, match="written by 'app'"):
+        await runner.run(u, "rebuild", "rs1", 1)
+
+
+async def test_bad_stage_and_prepare_over_committed(env):
+    store, runner, start = env
+    u = await start("a")
+    with pytest.raises(CheckpointError, match="unknown stage 'explode'"):
+        await runner.run(u, "explode", "ck1", 1)
+    for stage in ("prepare", "stop", "checkpoint", "resume_cp"):
+        await runner.run(u, stage, "ck1", 1)
+    with pytest.raises(CheckpointError, match="already holds a committed checkpoint"):
+        await runner.run(u, "prepare", "ck9", 1)
+
+
+def test_registry():
+    assert registry.backend_class("app") is AppCheckpointer
+    with pytest.raises(registry.UnknownCheckpointer, match="unknown checkpointer 'dmtcp'"):
+        registry.backend_class("dmtcp")
+    caps = registry.capabilities()
+    assert caps["app"]["coordinated"] and caps["app"]["migration"]

@@ -1,0 +1,234 @@
+"""Units as real process trees: launch, status, exit/kill detection, cancel, freeze/thaw."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from nodeagent import freezer as fz
+from nodeagent.checkpointers.base import CheckpointError, LaunchPlan
+from nodeagent.units import Unit
+
+PY = sys.executable
+
+# a root with two threads and a forked child (that has a thread too); both print progress
+TREE = r"""
+import os, sys, threading, time
+print("env", os.environ.get("JOBVAR"), os.environ.get("AGENT_ONLY"), flush=True)
+def spin():
+    while True:
+        time.sleep(1)
+threading.Thread(target=spin, daemon=True).start()
+if os.fork() == 0:
+    threading.Thread(target=spin, daemon=True).start()
+    while True:
+        time.sleep(1)
+i = 0
+while True:
+    i += 1
+    print("tick", i, flush=True)
+    time.sleep(0.01)
+"""
+
+
+def kinds() -> list:
+    """Every freezer kind this machine offers, plus the signal fallback."""
+    out = []
+    saved = os.environ.get("GRIDCKPT_FREEZER")
+    for kind in ("v1", "v2"):
+        os.environ["GRIDCKPT_FREEZER"] = kind
+        try:
+            out.append(pytest.param(fz.detect(), id=kind))
+        except CheckpointError as e:
+            out.append(pytest.param(None, id=kind, marks=pytest.mark.skip(
+                reason=f"no cgroup {kind} freezer on this machine ({e})")))
+        finally:
+            if saved is None:
+                del os.environ["GRIDCKPT_FREEZER"]
+            else:
+                os.environ["GRIDCKPT_FREEZER"] = saved
+    out.append(pytest.param(("signal", None), id="signal"))
+    return out
+
+
+def make_unit(tmp_path: Path, name: str = "u", kind=None, **spec) -> Unit:
+    events: list[str] = []
+
+    async def on_state(u: Unit) -> None:
+        events.append(u.state)
+
+    job = f"t{os.getpid()}-{tmp_path.name[-20:]}".replace("_", "-")
+    u = Unit(job, name, spec, tmp_path / "units" / name, cwd=tmp_path,
+             on_state=on_state, freezer_kind=kind)
+    u.events = events   # type: ignore[attr-defined]
+    return u
+
+
+def gone(pids: list[int]) -> bool:
+    return not fz.alive_pids(pids)
+
+
+async def wait_for(pred, timeout: float = 5.0, step: float = 0.01) -> float:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(step)
+    return time.monotonic() - t0
+
+
+def ticks(u: Unit) -> int:
+    return (u.unit_dir / "stdout").read_text().count("tick")
+
+
+@pytest.fixture
+async def cleanup():
+    units: list[Unit] = []
+    yield units
+    for u in units:
+        await u.close()
+
+
+async def test_launch_status_tree_env_and_output(tmp_path, cleanup):
+    os.environ["AGENT_ONLY"] = "leak"
+    try:
+        u = make_unit(tmp_path, env={"JOBVAR": "fromjob"})
+        cleanup.append(u)
+        pid = await u.launch(LaunchPlan([PY, "-c", TREE]))
+    finally:
+        del os.environ["AGENT_ONLY"]
+    await wait_for(lambda: u.status()["nprocs"] == 2)
+    st = u.status()
+    assert st["state"] == "running" and st["pid"] == pid and st["uptime"] > 0
+    assert psutil.Process(pid).num_threads() == 2
+    # own session, and every process in the unit's cgroup when there is one
+    assert os.getsid(pid) == pid
+    if u.freezer_path:
+        assert set(u.pids()) == set(fz.alive_pids(u.freezer.cgroup_pids()))
+    await wait_for(lambda: ticks(u) >= 2)
+    out = (u.unit_dir / "stdout").read_text()
+    assert "env fromjob None" in out          # job env in, agent env out
+    assert u.events == ["running"]
+
+
+async def test_exit_code_reported(tmp_path, cleanup):
+    u = make_unit(tmp_path)
+    cleanup.append(u)
+    await u.launch(LaunchPlan([PY, "-c", "import sys; sys.stderr.write('bye\\n'); sys.exit(3)"]))
+    assert await u.wait(5) == "exited"
+    assert u.status()["exit_code"] == 3 and u.status()["signal"] is None
+    assert (u.unit_dir / "stderr").read_text() == "bye\n"
+    assert u.events == ["running", "exited"]
+
+
+async def test_kill_9_detected_fast_and_children_cleaned(tmp_path, cleanup):
+    u = make_unit(tmp_path)
+    cleanup.append(u)
+    pid = await u.launch(LaunchPlan([PY, "-c", TREE]))
+    await wait_for(lambda: len(u.pids()) == 2)
+    pids = u.pids()
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    assert await u.wait(3) == "failed"
+    assert time.monotonic() - t0 < 3
+    st = u.status()
+    assert st["signal"] == 9 and st["exit_code"] is None and not st["cancelled"]
+    assert gone(pids), "the forked child outlived its unit"
+
+
+async def test_cancel_leaves_no_process(tmp_path, cleanup):
+    u = make_unit(tmp_path)
+    cleanup.append(u)
+    # a grandchild that double-forks away from the tree (only the cgroup still knows it)
+    prog = TREE.replace("i = 0", "import subprocess\nsubprocess.Popen(['sh','-c','sleep 60 &'])\ni = 0")
+    await u.launch(LaunchPlan([PY, "-c", prog]))
+    await wait_for(lambda: ticks(u) >= 1)
+    await asyncio.sleep(0.05)
+    pids = u.pids()
+    sleeper = [p.pid for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "60"]
+               and p.pid in u.pids()]
+    await u.kill()
+    assert u.state == "exited" and u.status()["cancelled"] and u.status()["signal"] == 9
+    assert gone(pids) and gone(sleeper)
+    if u.freezer_path:
+        assert not os.path.exists(u.freezer_path)
+        assert sleeper, "the double-forked sleeper should have been in the cgroup"
+
+
+@pytest.mark.parametrize("kind", kinds())
+async def test_freeze_stops_progress_and_thaw_resumes(tmp_path, cleanup, kind):
+    u = make_unit(tmp_path, kind=kind)
+    cleanup.append(u)
+    await u.launch(LaunchPlan([PY, "-c", TREE]))
+    await wait_for(lambda: ticks(u) >= 3 and len(u.pids()) == 2)
+    t0 = time.monotonic()
+    await u.freeze()
+    freeze_ms = (time.monotonic() - t0) * 1000
+    assert u.state == "stopped" and u.freezer.is_frozen()
+    before = ticks(u)
+    await asyncio.sleep(0.3)
+    assert ticks(u) == before, "a frozen unit made progress"
+    if kind[0] == "signal":
+        assert all(psutil.Process(p).status() == psutil.STATUS_STOPPED for p in u.pids())
+    await u.thaw()
+    assert u.state == "running"
+    await wait_for(lambda: ticks(u) > before + 2)
+    assert freeze_ms < 500
+    # a frozen unit can still be cancelled
+    await u.freeze()
+    pids = u.pids()
+    await u.kill()
+    assert gone(pids)
+
+
+@pytest.mark.parametrize("kind", kinds())
+async def test_stopped_launch_runs_only_after_thaw(tmp_path, cleanup, kind):
+    u = make_unit(tmp_path, kind=kind)
+    cleanup.append(u)
+    await u.launch(LaunchPlan([PY, "-c", TREE]), stopped=True)
+    assert u.state == "stopped"
+    await asyncio.sleep(0.3)
+    assert not (u.unit_dir / "stdout").read_text(), "a stopped launch ran"
+    await u.thaw()
+    await wait_for(lambda: ticks(u) >= 1)
+
+
+async def test_adopted_tree_exit_detected(tmp_path, cleanup):
+    """A tree that is not the agent's child (as after a restore) is watched through a pidfd."""
+    out = subprocess.run(["sh", "-c", "sleep 30 >/dev/null 2>&1 & echo $!"], capture_output=True,
+                         text=True, check=True).stdout
+    pid = int(out)
+    u = make_unit(tmp_path)
+    cleanup.append(u)
+    try:
+        u.adopt(pid)
+        assert u.status()["nprocs"] == 1 and u.status()["pid"] == pid
+        os.kill(pid, signal.SIGKILL)
+        assert await u.wait(3) == "failed"
+        assert "unknown" in u.status()["detail"]
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+async def test_bad_command_is_a_clear_error(tmp_path, cleanup):
+    u = make_unit(tmp_path, kind=("signal", None))
+    cleanup.append(u)
+    with pytest.raises(CheckpointError, match="cannot start '/nonexistent/prog'"):
+        await u.launch(LaunchPlan(["/nonexistent/prog"]))
+
+
+def test_launch_wrapper_shapes():
+    assert fz.launch_wrapper(["a", "b"], None) == ["a", "b"]
+    w = fz.launch_wrapper(["a", "b c"], "/cg/cgroup.procs")
+    assert w[:2] == ["/bin/sh", "-c"] and w[3:] == ["/cg/cgroup.procs", "a", "b c"]
