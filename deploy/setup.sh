@@ -168,31 +168,41 @@ criu_usable() {
     "$bin" check >/dev/null 2>&1
 }
 
-# The suite's deb-src line, on the machine's own mirror.
+# Makes `apt-get source criu/<suite>` work: when apt does not know that suite's sources yet,
+# adds its deb-src line on the machine's own mirror and runs apt-get update. The line names
+# Debian's keyring (signed-by) like a stock deb822 entry does, so that apt sees no conflicting
+# Signed-By for the same suite; if apt rejects it anyway, it is retried without signed-by.
 ensure_deb_src() {
-    local suite="$1" mirror list line
+    local suite="$1" mirror list keyring=/usr/share/keyrings/debian-archive-keyring.gpg opts
+    if apt-get source --print-uris "criu/${suite}" >/dev/null 2>&1; then
+        return 0
+    fi
     mirror="${GRIDCKPT_DEBIAN_MIRROR:-}"
     if [[ -z "$mirror" ]]; then
         mirror=$(debian_mirror /etc/apt "$(os_codename)") ||
             die "no Debian mirror found in /etc/apt/sources.list{,.d} (set GRIDCKPT_DEBIAN_MIRROR=URI)"
     fi
     list="/etc/apt/sources.list.d/gridckpt-${suite}-src.list"
-    line="deb-src ${mirror} ${suite} main"
-    if [[ -f "$list" ]] && grep -qxF "$line" "$list"; then
-        return 0
-    fi
-    log "adding '$line' to $list"
-    printf '# added by gridckpt deploy/setup.sh to build CRIU from source\n%s\n' "$line" > "$list"
-    APT_UPDATED=0   # the new source must be fetched
+    for opts in "[signed-by=${keyring}] " ""; do
+        [[ -n "$opts" && ! -r "$keyring" ]] && continue
+        log "adding 'deb-src ${opts}${mirror} ${suite} main' to $list"
+        printf '# added by gridckpt deploy/setup.sh to build CRIU from source\ndeb-src %s%s %s main\n' \
+            "$opts" "$mirror" "$suite" > "$list"
+        log "apt-get update"
+        if apt-get update -qq >&2 && apt-get source --print-uris "criu/${suite}" >/dev/null 2>&1; then
+            APT_UPDATED=1
+            return 0
+        fi
+    done
+    rm -f "$list"
+    apt-get update -qq >&2 || true
+    die "apt cannot find the source package criu/${suite} on ${mirror}"
 }
 
 # build_criu PREFIX BUILD_DIR SUITE: upstream CRIU from the Debian source package.
 build_criu() {
     local prefix="$1" build="$2" suite="$3" orig src
     ensure_deb_src "$suite"
-    if ! apt-get source --print-uris "criu/${suite}" >/dev/null 2>&1; then
-        apt_update_once
-    fi
     apt_install_missing "${CRIU_BUILD_DEPS[@]}"
     mkdir -p "$build"
     cd "$build"
@@ -285,7 +295,7 @@ source_hash() {
         {
             find . -maxdepth 1 -type f \( -name pyproject.toml -o -name setup.py -o -name setup.cfg -o -name MANIFEST.in \)
             find orchestrator nodeagent interpose -type d \( -name __pycache__ -o -name build \) -prune -o \
-                -type f \( -name '*.py' -o -name '*.c' -o -name '*.h' -o -name Makefile -o -name '*.toml' -o -name '*.json' \) -print 2>/dev/null
+                -type f \( -name '*.py' -o -name '*.c' -o -name '*.h' -o -name Makefile -o -name '*.toml' -o -name '*.json' \) -print 2>/dev/null || true
         } | LC_ALL=C sort | xargs -r sha256sum | sha256sum | cut -d' ' -f1
     )
 }

@@ -49,8 +49,11 @@ class AppClient:
         self._thread: Optional[threading.Thread] = None
         self._running = threading.Event()          # set: not quiesced
         self._running.set()
-        self._pending: Optional[tuple[str, str]] = None   # (id, dir) waiting for a safe point
-        self._pending_cv = threading.Condition()
+        # safe-points mode: a CHECKPOINT request is "pending" until a safe point takes it,
+        # then "running" until its answer is sent; later requests wait for that answer
+        self._ckpt: Optional[tuple[str, str]] = None
+        self._ckpt_state: Optional[str] = None
+        self._cv = threading.Condition()
         self.checkpoints = 0
         self.last_error: Optional[str] = None
 
@@ -141,10 +144,17 @@ class AppClient:
             return False
         happened = False
         if self.safe_points:
-            with self._pending_cv:
-                pending, self._pending = self._pending, None
-            if pending is not None:
-                self._answer_checkpoint(*pending)
+            with self._cv:
+                job = self._ckpt if self._ckpt_state == "pending" else None
+                if job is not None:
+                    self._ckpt_state = "running"
+            if job is not None:
+                try:
+                    self._answer_checkpoint(*job)
+                finally:
+                    with self._cv:
+                        self._ckpt, self._ckpt_state = None, None
+                        self._cv.notify_all()
                 happened = True
         if not self._running.is_set():
             self._running.wait(timeout)
@@ -167,15 +177,26 @@ class AppClient:
         finally:
             self._running.set()     # never leave the program blocked without an agent
 
+    def _settle_checkpoint(self) -> None:
+        """Every request is answered once, in order: before answering the next request,
+        finish (or refuse) a checkpoint still waiting for a safe point."""
+        with self._cv:
+            if self._ckpt_state == "pending":
+                self._ckpt, self._ckpt_state = None, None
+                self._send("ERROR checkpoint abandoned before the program reached a safe point")
+            while self._ckpt_state == "running":
+                self._cv.wait()
+
     def _dispatch(self, line: str) -> None:
         word, _, rest = line.partition(" ")
+        self._settle_checkpoint()
         if word == "PING":
             self._send("PONG")
         elif word == "CHECKPOINT":
             cid, _, images = rest.partition(" ")
             if self.safe_points:
-                with self._pending_cv:
-                    self._pending = (cid, images)
+                with self._cv:
+                    self._ckpt, self._ckpt_state = (cid, images), "pending"
             else:
                 self._answer_checkpoint(cid, images)
         elif word in ("RESUME", "ABORT"):

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from interpose import shim_env
+from interpose.control import ControlPage
 from orchestrator import protocol
 from orchestrator.bus.base import Bus, BusError, Delivery
 from orchestrator.logs import event
@@ -22,6 +24,7 @@ from orchestrator.store import Store
 
 from .checkpointers.base import CheckpointError
 from .checkpointers.registry import capabilities
+from .shipper import Shipper, ensure_shim_dir
 from .stages import UnitStageRunner
 from .units import Unit, become_subreaper
 
@@ -40,6 +43,7 @@ class NodeAgent:
         self.heartbeat_interval = heartbeat_interval
         self.units: dict[tuple[str, str], Unit] = {}
         self.runner = UnitStageRunner(store, node=node)
+        self.shipper = Shipper(bus, site, node)
         self._queues: dict[tuple[str, str], asyncio.Queue] = {}
         self._workers: dict[tuple[str, str], asyncio.Task] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -60,6 +64,7 @@ class NodeAgent:
                          pid=os.getpid(), hostname=socket.gethostname(), capabilities=capabilities(),
                          store=str(self.store.root))
         self._hb_task = asyncio.create_task(self._heartbeat_loop())
+        self.shipper.start()
         event(log, "agent started", node=self.node, site=self.site, broker=self.bus.url)
 
     async def stop(self, *, kill_units: bool = False) -> None:
@@ -72,6 +77,7 @@ class NodeAgent:
         for t in list(self._workers.values()) + list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._workers.values(), *self._tasks, return_exceptions=True)
+        await self.shipper.stop()
         if self._hb_task:
             self._hb_task.cancel()
             await asyncio.gather(self._hb_task, return_exceptions=True)
@@ -157,8 +163,20 @@ class NodeAgent:
             raise CheckpointError(f"unit {name} is still running here (pid {old.root_pid})")
         unit = Unit(job, name, spec, self.store.unit_dir(job, name), cwd=spec.get("cwd") or spec.get("base_dir") or None,
                     on_state=self._on_unit_state)
+        if spec.get("interpose") or spec.get("protocol") == "independent":
+            shim_dir, control = ensure_shim_dir(unit.unit_dir)
+            ControlPage(control).close()  # created before the unit maps it
+            unit.env.update(shim_env(name, shim_dir, control, base={}))
+            self.shipper.watch(job, name, shim_dir)
         self.units[(job, name)] = unit
         return unit
+
+    def _set_interval(self, unit: Unit, interval: int) -> None:
+        """Stamp the unit's next determinants with ``interval`` (a unit under the shim only)."""
+        if "LD_PRELOAD" in unit.env:
+            _, control = ensure_shim_dir(unit.unit_dir)
+            with ControlPage(control) as page:
+                page.interval = interval
 
     async def _launch(self, job: str, name: str, spec: dict[str, Any]) -> None:
         try:
@@ -190,6 +208,11 @@ class NodeAgent:
                     raise CheckpointError(f"unit {name} of job {job} is not on node {self.node}")
             else:
                 res = await self.runner.run(unit, stage, ckpt, int(args.get("seq", 0)), args)
+                if stage == "resume_cp":
+                    self._set_interval(unit, int(args["seq"]))
+                elif stage == "rebuild":
+                    self.shipper.rolled_back(job, name)
+                    self._set_interval(unit, int(args["seq"]))
             ok, error = True, ""
         except CheckpointError as exc:
             res, ok, error = {"ms": (time.perf_counter() - t0) * 1000, "data": {}}, False, str(exc)

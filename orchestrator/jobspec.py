@@ -198,6 +198,59 @@ class JobSpec:
         u = self.unit(unit) if isinstance(unit, str) else unit
         return u.checkpoint_every if u.checkpoint_every is not None else self.checkpoint_every
 
+    def validate(self) -> "JobSpec":
+        """Check the rules ``parse_job`` enforces that types alone do not (names, choices,
+        ranges, unique units); ``JobFileError`` naming the key.  Returns self."""
+        where = self.source or "job spec"
+
+        def bad(key: str, msg: str) -> NoReturn:
+            raise JobFileError(f"{where}: {key}: {msg}")
+
+        if not _NAME_RE.fullmatch(self.name) or self.name in (".", ".."):
+            bad("name", f"{self.name!r} is not a valid name")
+        if self.protocol not in PROTOCOLS:
+            bad("protocol", f"unknown value {self.protocol!r} (known: {_quoted(PROTOCOLS)})")
+        if self.restart not in RESTART_POLICIES:
+            bad("restart", f"unknown value {self.restart!r} (known: {_quoted(RESTART_POLICIES)})")
+        if self.max_restarts < 0:
+            bad("max_restarts", f"must be an integer >= 0, got {self.max_restarts}")
+        for key in ("checkpoint_every", "stage_timeout"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                bad(key, f"must be a positive duration, got {value!r}")
+        if not self.units:
+            bad("units", "must be a non-empty array of tables")
+        seen: dict[str, int] = {}
+        for i, u in enumerate(self.units):
+            at = f"units[{i}]"
+            if not _NAME_RE.fullmatch(u.name) or u.name in (".", ".."):
+                bad(f"{at}.name", f"{u.name!r} is not a valid name")
+            if u.name in seen:
+                bad(f"{at}.name", f"duplicate unit name {u.name!r} (also units[{seen[u.name]}])")
+            seen[u.name] = i
+            if u.checkpointer not in KNOWN_CHECKPOINTERS:
+                bad(f"{at}.checkpointer", f"unknown checkpointer {u.checkpointer!r} "
+                    f"(known: {_quoted(KNOWN_CHECKPOINTERS)})")
+            for key in ("node", "site"):
+                value = getattr(u, key)
+                if value is not None and not _PLACE_RE.fullmatch(value):
+                    bad(f"{at}.{key}", f"{value!r} is not a valid {key} name")
+            if self.protocol == "independent" and not u.interpose:
+                bad(f"{at}.interpose", 'must be true when protocol = "independent"')
+            for key in ("checkpoint_every", "checkpoint_jitter"):
+                value = getattr(u, key)
+                if value is not None and not (math.isfinite(value) and value > 0):
+                    bad(f"{at}.{key}", f"must be a positive duration, got {value!r}")
+            f = u.checkpoint_jitter_fraction
+            if f is not None and not 0 < f <= 1:
+                bad(f"{at}.checkpoint_jitter", f"a jitter fraction must be in (0, 1], got {f!r}")
+            unknown = [k for k in u.callbacks if k not in CALLBACKS]
+            if unknown:
+                bad(f"{at}.callbacks.{unknown[0]}", f"unknown key (known: {', '.join(CALLBACKS)})")
+            if any(not cmd for cmd in u.callbacks.values()):
+                bad(f"{at}.callbacks", "every callback must be a non-empty command")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """A plain JSON/msgpack-able dict (copies, so callers may mutate it)."""
         return {
@@ -214,7 +267,9 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
-        """Rebuild from ``to_dict()`` output; raises ``JobFileError`` on a malformed dict."""
+        """Rebuild from ``to_dict()`` output and ``validate()`` it (a spec that came over
+        the bus is checked again); raises ``JobFileError`` on a malformed dict.
+        Keys this version does not know are ignored."""
         where = "job spec"
         if not isinstance(data, dict):
             raise JobFileError(f"{where}: must be a table/dict, got {_tname(data)}")
@@ -231,7 +286,7 @@ class JobSpec:
             stage_timeout=DEFAULT_STAGE_TIMEOUT if stage_timeout is None else stage_timeout,
             base_dir=_opt(data, "base_dir", str, where) or "",
             source=_opt(data, "source", str, where) or "",
-        )
+        ).validate()
 
 
 # ---------------------------------------------------------------------------

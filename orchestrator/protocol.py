@@ -58,7 +58,8 @@ MESSAGE_TYPES: dict[str, _F] = {
                   "interval": (_NUM, False)},
     # agent -> orchestrator (routing key determinants.<site>.<node>)
     "determinants": {"job": (str, True), "unit": (str, True), "node": (str, True),
-                     "batch": (bytes, True), "first": (int, True), "count": (int, True)},
+                     "batch": (bytes, True), "first": (int, True), "count": (int, True),
+                     "source": (str, False)},
     # orchestrator -> agent (routing key agent.<site>.<node>)
     "launch": {"job": (str, True), "unit": (str, True), "spec": (dict, True),
                "attempt": (int, False)},

@@ -6,7 +6,7 @@ Layout::
     <root>/jobs/<job>/job.json                          job metadata
     <root>/jobs/<job>/units/<unit>/<seq>/...            images of one unit checkpoint
     <root>/jobs/<job>/units/<unit>/<seq>/manifest.json  written last, by atomic rename
-    <root>/jobs/<job>/units/<unit>/.last_seq            highest seq ever handed out
+    <root>/jobs/<job>/units/<unit>/.last_seq            highest seq whose dir was deleted
     <root>/jobs/<job>/checkpoints/<id>.json             a committed coordinated checkpoint
     <root>/jobs/<job>/checkpoints/<id>.pending.json     a checkpoint begun, not (yet) committed
     <root>/jobs/<job>/determinants/                     the job's determinant log
@@ -26,8 +26,9 @@ Rules that make it crash-safe:
   again aborts every ``pending_checkpoints`` entry.  A marker whose
   committed record exists (crash between the two steps) is never aborted:
   it is just removed.
-* Seqs are never reused: ``reserve_seq`` records the high-water mark in
-  ``.last_seq``, so a seq whose partial dir was deleted is not handed out again.
+* Seqs are never reused: ``next_seq`` counts existing seq dirs (partial ones
+  too) and pending markers, and every deletion of a seq dir first raises the
+  unit's high-water mark in ``.last_seq``, so a deleted seq is not handed out again.
 
 ``verify_manifest`` ignores files that the manifest does not list (by default):
 restore tools write logs into the images directory (``criu restore`` writes
@@ -419,8 +420,8 @@ class Store:
 
     def next_seq(self, job: str, unit: str) -> int:
         """1 + the highest seq ever used by this unit: existing dirs (committed or
-        partial), pending markers and the high-water mark of ``reserve_seq``.
-        Does not reserve it; two writers must use ``reserve_seq``."""
+        partial), pending markers, and the high-water mark of deleted dirs.
+        Does not reserve it: concurrent writers for one unit use ``reserve_seq``."""
         highest = max([0, self._last_seq_mark(job, unit), *self._seq_dirs(job, unit)])
         for marker in self.pending_checkpoints(job):
             seq = marker.get("units", {}).get(unit)
@@ -429,8 +430,8 @@ class Store:
         return highest + 1
 
     def reserve_seq(self, job: str, unit: str) -> int:
-        """Hand out a new seq for a unit: create its (empty) images dir and record the
-        high-water mark, under a lock file so concurrent callers get distinct seqs."""
+        """Hand out a new seq for a unit by creating its (empty) images dir, under a
+        lock file so concurrent callers get distinct seqs."""
         udir = self.unit_dir(job, unit)
         udir.mkdir(parents=True, exist_ok=True)
         with self._locked(udir / ".seq.lock"):
@@ -441,8 +442,18 @@ class Store:
                     break
                 except FileExistsError:
                     seq += 1
-            write_json_atomic(udir / ".last_seq", seq)
         return seq
+
+    def _bump_last_seq(self, udir: Path, seq: int) -> None:
+        """Record that ``seq`` was used, before its dir goes away (so it is never reused)."""
+        with self._locked(udir / ".seq.lock"):
+            mark = udir / ".last_seq"
+            try:
+                old = read_json(mark)
+            except (FileNotFoundError, StoreError):
+                old = 0
+            if not isinstance(old, int) or isinstance(old, bool) or old < seq:
+                write_json_atomic(mark, seq)
 
     @contextmanager
     def _locked(self, path: Path) -> Iterator[None]:
@@ -480,6 +491,7 @@ class Store:
     def _remove_images(self, d: Path) -> bool:
         if not d.exists():
             return False
+        self._bump_last_seq(d.parent, int(d.name))
         try:
             (d / MANIFEST).unlink()
             _fsync_dir(d)
@@ -574,11 +586,14 @@ class Store:
             return
         _fsync_dir(self.checkpoints_dir(job))
 
-    def abort_checkpoint(self, job: str, ckpt_id: str) -> list[tuple[str, int]]:
+    def abort_checkpoint(self, job: str, ckpt_id: str | dict[str, Any]) -> list[tuple[str, int]]:
         """Abort a pending checkpoint: delete the images its marker names (with or
         without manifest), then the marker.  Idempotent.  If the checkpoint was
         committed meanwhile, only the stale marker goes and its images stay.
+        ``ckpt_id`` may also be a marker from ``pending_checkpoints``.
         Returns the (unit, seq) pairs whose images were deleted."""
+        if isinstance(ckpt_id, dict):
+            ckpt_id = ckpt_id["id"]
         path = self._pending_path(job, ckpt_id)
         if self._checkpoint_path(job, ckpt_id).exists():
             self._drop_pending(job, ckpt_id)

@@ -241,3 +241,31 @@ async def test_protocol_spoken_without_the_client_module(env, tmp_path):
     await runner.run(u, "resume_rst", "rs1", 1)
     await wait_for(lambda: f"got RESTART {images}" in (u.unit_dir / "stdout").read_text())
     assert "restored 41" in (u.unit_dir / "stdout").read_text()
+
+
+async def test_late_answer_after_timeout_keeps_the_protocol_in_step(env, tmp_path):
+    """A program slower than the deadline: the stage fails, abort unblocks it, and the next
+    checkpoint (with a longer deadline) works: late answers are not taken for new ones."""
+    store, backend, runner, start = env
+    slow = tmp_path / "slow.py"
+    slow.write_text(
+        "import os, time\nfrom nodeagent.appclient import AppClient\n"
+        "c = AppClient.from_env(safe_points=True)\n"
+        "n = 0\n"
+        "def save(d):\n    open(os.path.join(d, 'n'), 'w').write(str(n))\n"
+        "c.on_checkpoint(save); c.start()\n"
+        "while True:\n    n += 1\n    print('step', n, flush=True)\n"
+        "    time.sleep(0.4)\n    c.safe_point()\n")
+    u = await start("s", [PY, str(slow)])
+    backend.timeout = 0.1
+    with pytest.raises(CheckpointError, match="did not answer"):
+        await runner.run(u, "prepare", "ck1", 1)
+    await runner.run(u, "abort", "ck1", 1)
+    steps = lambda: (u.unit_dir / "stdout").read_text().count("step")   # noqa: E731
+    n = steps()
+    await wait_for(lambda: steps() >= n + 2)          # not left quiesced
+    backend.timeout = 3.0
+    await checkpoint(runner, u, "ck2", 2)
+    assert (store.images_dir("job1", "s", 2) / "n").read_text().isdigit()
+    n = steps()
+    await wait_for(lambda: steps() >= n + 2)

@@ -260,6 +260,15 @@ def test_to_dict_is_a_copy(tmp_path: Path) -> None:
     (lambda d: d["units"][0].update(env={"A": 1}), "env"),
     (lambda d: d.update(max_restarts="3"), "max_restarts"),
     (lambda d: d.update(stage_timeout=True), "stage_timeout"),
+    (lambda d: d.update(stage_timeout=0), r"stage_timeout: must be a positive duration"),
+    (lambda d: d.update(name="../x"), r"name: '\.\./x' is not a valid name"),
+    (lambda d: d.update(protocol="nope"), r"protocol: unknown value"),
+    (lambda d: d.update(max_restarts=-2), r"max_restarts: must be an integer >= 0"),
+    (lambda d: d["units"][1].update(name="a"), r"units\[1\]\.name: duplicate unit name 'a'"),
+    (lambda d: d["units"][0].update(checkpointer="dmtcp"), r"units\[0\]\.checkpointer: unknown checkpointer"),
+    (lambda d: d["units"][0].update(node="a.b"), r"units\[0\]\.node: 'a\.b'"),
+    (lambda d: d["units"][0].update(callbacks={"oops": ["x"]}), r"units\[0\]\.callbacks\.oops: unknown key"),
+    (lambda d: d.update(units=[]), r"units: must be a non-empty"),
 ])
 def test_from_dict_rejects_malformed(tmp_path: Path, mutate, where: str) -> None:
     d = load_job_file(write(tmp_path, DESIGN_EXAMPLE)).to_dict()

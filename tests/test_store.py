@@ -283,6 +283,21 @@ def test_seq_never_reused_after_abort_or_cleanup(store: Store) -> None:
     assert store.unit_checkpoints("j", "a") == [s1]
 
 
+def test_seq_never_reused_with_next_seq_and_begin(store: Store) -> None:
+    """The coordinator's way: next_seq, begin, agents write images, abort; then gc of the newest."""
+    seq = store.next_seq("j", "a")
+    store.begin_checkpoint("j", "c1", {"a": seq})
+    assert store.next_seq("j", "a") == seq + 1, "a pending marker holds its seq"
+    make_images(store.images_dir("j", "a", seq), {"x": b"1"})
+    [marker] = store.pending_checkpoints("j")
+    assert store.abort_checkpoint("j", marker) == [("a", seq)], "a marker dict is accepted too"
+    assert store.next_seq("j", "a") == seq + 1
+    s2 = committed_unit(store, "j", "a")
+    assert s2 == seq + 1
+    store.delete_images("j", "a", s2)
+    assert store.next_seq("j", "a") == s2 + 1, "deleting the newest images does not free its seq"
+
+
 def test_next_seq_counts_pending_markers(store: Store) -> None:
     store.begin_checkpoint("j", "c1", {"a": 5})
     assert store.next_seq("j", "a") == 6

@@ -89,6 +89,7 @@ class _Conn:
         self.pending: asyncio.Future | None = None
         self.closed = asyncio.Event()
         self.lock = asyncio.Lock()
+        self.skip = 0       # answers still owed to requests that timed out: discard them
 
     async def pump(self) -> None:
         try:
@@ -99,6 +100,9 @@ class _Conn:
                 text = line.decode(errors="replace").rstrip("\n")
                 if text == "BYE":
                     break
+                if self.skip:           # a late answer to a request we gave up on
+                    self.skip -= 1
+                    continue
                 if self.pending is not None and not self.pending.done():
                     self.pending.set_result(text)
                 # anything unsolicited is ignored (forward compatibility)
@@ -115,11 +119,11 @@ class _Conn:
         async with self.lock:
             if self.closed.is_set():
                 raise CheckpointError(f"program pid {self.pid} closed its checkpoint connection")
-            self.pending = asyncio.get_running_loop().create_future()
+            fut = self.pending = asyncio.get_running_loop().create_future()
             try:
                 self.writer.write(line.encode() + b"\n")
                 await self.writer.drain()
-                return await asyncio.wait_for(self.pending, timeout)
+                return await asyncio.wait_for(fut, timeout)
             except asyncio.TimeoutError:
                 word = line.split(" ", 1)[0]
                 raise CheckpointError(f"program pid {self.pid} did not answer {word} "
@@ -128,6 +132,8 @@ class _Conn:
                 raise CheckpointError(f"program pid {self.pid}: connection lost ({e})") from None
             finally:
                 self.pending = None
+                if not fut.done() or fut.cancelled():
+                    self.skip += 1      # the program still owes this answer
 
 
 @dataclass

@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
+import msgpack
 from aio_pika.abc import AbstractIncomingMessage
 
 from .. import protocol
@@ -34,6 +35,10 @@ from .common import (QUEUE_HEADER, REASON_HEADER, SeenIds, check_kind, decide, l
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 CONTENT_TYPE = "application/msgpack"
+BATCH_CONTENT_TYPE = "application/x-gridckpt-batch"
+PIPELINE = 4        # plain publishes in flight per routing key before batching starts
+MAX_BATCH = 500     # messages per envelope
+BATCH_TIMEOUT = 30.0
 
 
 def queue_arguments(kind: str) -> dict[str, Any]:
@@ -77,7 +82,22 @@ class _AmqpConsumer(Consumer):
                 log.error("consumer of %s could not settle a message: %s: %s",
                           self.queue.name, type(exc).__name__, exc)
 
+    def _redeliveries(self, message: AbstractIncomingMessage) -> int:
+        """How many times ``message`` was requeued before (this delivery not counted)."""
+        if self.kind == "quorum":
+            count = (message.headers or {}).get("x-delivery-count", 0)
+            return count if isinstance(count, int) else 0
+        return self.failures.get(message.message_id or "", 0)
+
+    def _count_failure(self, message: AbstractIncomingMessage) -> None:
+        if self.kind != "quorum" and message.message_id:
+            self.failures[message.message_id] = self.failures.get(message.message_id, 0) + 1
+            if len(self.failures) > 10_000:
+                self.failures.pop(next(iter(self.failures)))
+
     async def _process(self, message: AbstractIncomingMessage) -> None:
+        if message.content_type == BATCH_CONTENT_TYPE:
+            return await self._process_batch(message)
         headers = dict(message.headers or {})
         delivery = Delivery(message.routing_key or "", message.message_id or "", bool(message.redelivered),
                             message.reply_to, message.correlation_id, headers)
@@ -85,26 +105,58 @@ class _AmqpConsumer(Consumer):
         if out.action == "ack":
             if out.reply is not None and message.reply_to:
                 await self.bus._send_reply(message.reply_to, message.correlation_id, out.reply)
-            self.failures.pop(delivery.message_id, None)
+            self.failures.pop(message.message_id or "", None)
             await message.ack()
         elif out.action == "dead":
             await self.bus._dead_letter(message, out.reason, self.queue.name)
         elif self.kind == "quorum":
             await message.nack(requeue=True)  # the broker counts and dead-letters
+        elif over_limit(self._redeliveries(message) + 1):
+            self.failures.pop(message.message_id or "", None)
+            reason = limit_reason(self.queue.name)
+            log.warning("dead-lettering message %s: %s", message.message_id, reason)
+            await self.bus._dead_letter(message, reason, self.queue.name)
         else:
-            key = message.message_id or ""
-            count = self.failures.get(key, 0) + 1
-            if over_limit(count):
-                self.failures.pop(key, None)
-                reason = limit_reason(self.queue.name)
-                log.warning("dead-lettering message %s: %s", key, reason)
-                await self.bus._dead_letter(message, reason, self.queue.name)
-            else:
-                if key:
-                    self.failures[key] = count
-                    if len(self.failures) > 10_000:
-                        self.failures.pop(next(iter(self.failures)))
-                await message.nack(requeue=True)
+            self._count_failure(message)
+            await message.nack(requeue=True)
+
+    async def _process_batch(self, message: AbstractIncomingMessage) -> None:
+        """An envelope of several messages (see ``AmqpBus.publish``): each one handled as if alone.
+
+        Handled messages are remembered, so a requeued envelope only re-runs the ones whose
+        handler failed; on the last allowed delivery those are dead-lettered one by one.
+        """
+        try:
+            bodies = msgpack.unpackb(message.body, raw=False)
+            if not isinstance(bodies, list) or not all(isinstance(b, bytes) for b in bodies):
+                raise ValueError("not a list of bodies")
+        except Exception as exc:
+            reason = f"malformed batch on queue {self.queue.name}: {type(exc).__name__}: {exc}"
+            log.warning("dead-lettering %s", reason)
+            return await self.bus._dead_letter(message, reason, self.queue.name)
+        failed: list[bytes] = []
+        for body in bodies:
+            delivery = Delivery(message.routing_key or "", "", bool(message.redelivered), None, None,
+                                dict(message.headers or {}))
+            out = await decide(self.queue.name, body, delivery, self.handler, self.seen)
+            if out.action == "dead":
+                if not await self.bus._dead_letter_body(body, out.reason, self.queue.name, message.routing_key):
+                    failed.append(body)  # could not dead-letter it now: keep the envelope
+            elif out.action == "retry":
+                failed.append(body)
+        if not failed:
+            self.failures.pop(message.message_id or "", None)
+            return await message.ack()
+        if over_limit(self._redeliveries(message) + 1):
+            self.failures.pop(message.message_id or "", None)
+            reason = limit_reason(self.queue.name)
+            for body in failed:
+                log.warning("dead-lettering a batched message: %s", reason)
+                if not await self.bus._dead_letter_body(body, reason, self.queue.name, message.routing_key):
+                    return await message.reject(requeue=False)  # RabbitMQ dead-letters the envelope
+            return await message.ack()
+        self._count_failure(message)
+        await message.nack(requeue=True)
 
     async def cancel(self) -> None:
         """Stop intake, let the in-flight handler finish, return prefetched messages."""
@@ -245,6 +297,17 @@ class AmqpBus(Bus):
         except BusError as exc:
             log.warning("reply to %s not sent: %s", reply_to, exc)
 
+    async def _dead_letter_body(self, body: bytes, reason: str, queue: str, routing_key: str | None) -> bool:
+        """Publish one body to the dead-letter exchange with ``reason``; False if that failed."""
+        copy = aio_pika.Message(body, headers={REASON_HEADER: reason, QUEUE_HEADER: queue},
+                                message_id=protocol.new_id(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        try:
+            await self._confirmed(self._dlx, copy, routing_key or "", False, 5.0)
+            return True
+        except BusError as exc:
+            log.error("could not publish to %s: %s", protocol.DEAD_LETTER_EXCHANGE, exc)
+            return False
+
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str, queue: str) -> None:
         """Re-publish ``message`` to the dead-letter exchange with ``reason``; ack the original.
 
@@ -254,7 +317,7 @@ class AmqpBus(Bus):
         headers[REASON_HEADER] = reason
         headers[QUEUE_HEADER] = queue
         copy = aio_pika.Message(message.body, headers=headers, message_id=message.message_id,
-                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+                                content_type=message.content_type, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
         try:
             await self._confirmed(self._dlx, copy, message.routing_key or "", False, 5.0)
         except BusError as exc:

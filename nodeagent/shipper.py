@@ -1,0 +1,176 @@
+"""Ship the shim's determinant records of this node's units to the orchestrator.
+
+For every unit run with the shim, the shipper tails the per-process logs in the unit's shim
+directory, batches new records (msgpack) and publishes them with publisher confirms.  A
+record stays pending until its batch is confirmed: the confirmed offset of every log is
+persisted in ``<shim dir>/shipped.json`` only after the confirm, so an agent restart re-sends
+what was not confirmed and the orchestrator (which keeps per-source watermarks) drops what it
+already has.  Nothing is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from interpose.reader import REC_SIZE, log_files, read_records
+from orchestrator import protocol
+from orchestrator.bus.base import Bus, BusError
+from orchestrator.logs import event
+from orchestrator.store import write_json_atomic
+
+log = logging.getLogger("gridckpt.shipper")
+STATE_FILE = "shipped.json"
+BATCH_RECORDS = 20_000
+
+
+@dataclass
+class _Tail:
+    """One unit's shim directory and the confirmed offset of each of its logs."""
+
+    job: str
+    unit: str
+    directory: Path
+    offsets: dict[str, int] = field(default_factory=dict)
+    epoch: int = 0
+
+    def load(self) -> None:
+        path = self.directory / STATE_FILE
+        try:
+            state = json.loads(path.read_text())
+            self.offsets = {str(k): int(v) for k, v in state.get("offsets", {}).items()}
+            self.epoch = int(state.get("epoch", 0))
+        except FileNotFoundError:
+            pass
+        except (ValueError, TypeError, AttributeError) as exc:
+            event(log, "shipper state unreadable, re-sending from the start", logging.WARNING,
+                  path=str(path), error=str(exc))
+
+    def save(self) -> None:
+        write_json_atomic(self.directory / STATE_FILE, {"offsets": self.offsets, "epoch": self.epoch})
+
+
+class Shipper:
+    """Tails the shim logs of registered units and publishes their records."""
+
+    def __init__(self, bus: Bus, site: str, node: str, *, period: float = 0.1,
+                 batch_records: int = BATCH_RECORDS) -> None:
+        self.bus = bus
+        self.site = site
+        self.node = node
+        self.period = period
+        self.batch_records = batch_records
+        self._tails: dict[tuple[str, str], _Tail] = {}
+        self._task: asyncio.Task | None = None
+        self._kick = asyncio.Event()
+        self.shipped = 0
+
+    def watch(self, job: str, unit: str, directory: Path) -> None:
+        """Start shipping the logs of ``directory`` (idempotent)."""
+        key = (job, unit)
+        if key not in self._tails:
+            tail = _Tail(job, unit, Path(directory))
+            tail.load()
+            self._tails[key] = tail
+
+    def rolled_back(self, job: str, unit: str) -> None:
+        """The unit was restored: logs cut back to the checkpoint are shipped under a new epoch."""
+        tail = self._tails.get((job, unit))
+        if tail is not None:
+            tail.epoch += 1
+            for name in list(tail.offsets):
+                path = tail.directory / name
+                size = path.stat().st_size if path.exists() else 0
+                tail.offsets[name] = min(tail.offsets[name], size - size % REC_SIZE)
+            tail.save()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        """Ship what is there one last time, then stop."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        try:
+            await self.flush()
+        except BusError as exc:
+            event(log, "final shipping failed; records stay pending", logging.WARNING, error=str(exc))
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.flush()
+            except BusError as exc:
+                event(log, "shipping failed; will retry", logging.WARNING, error=str(exc))
+                await asyncio.sleep(1.0)
+            try:
+                await asyncio.wait_for(self._kick.wait(), self.period)
+            except asyncio.TimeoutError:
+                pass
+            self._kick.clear()
+
+    async def flush(self) -> int:
+        """Ship every complete record not yet confirmed; return how many were shipped."""
+        total = 0
+        for tail in list(self._tails.values()):
+            total += await self._ship_tail(tail)
+        return total
+
+    async def _ship_tail(self, tail: _Tail) -> int:
+        shipped = 0
+        files = await asyncio.to_thread(log_files, tail.directory) if tail.directory.exists() else []
+        for path in files:
+            name = path.name
+            while True:
+                offset = tail.offsets.get(name, 0)
+                records, new_offset = await asyncio.to_thread(self._read, path, offset)
+                if not records:
+                    break
+                base = max(0, offset // REC_SIZE - 1)  # the log's first record is its header
+                for i in range(0, len(records), self.batch_records):
+                    chunk = records[i:i + self.batch_records]
+                    batch = msgpack.packb([[r.direction, r.conn, r.start, r.end, r.interval] for r in chunk],
+                                          use_bin_type=True)
+                    msg = protocol.make("determinants", job=tail.job, unit=tail.unit, node=self.node, batch=batch,
+                                        first=base + i, count=len(chunk),
+                                        source=f"{name}@{tail.epoch}")
+                    await self.bus.publish(protocol.determinants_key(self.site, self.node), msg, timeout=10.0)
+                    shipped += len(chunk)
+                tail.offsets[name] = new_offset
+                await asyncio.to_thread(tail.save)
+                if len(records) < 4 * self.batch_records:
+                    break
+        self.shipped += shipped
+        return shipped
+
+    @staticmethod
+    def _read(path: Path, offset: int) -> tuple[list[Any], int]:
+        """Complete records from ``offset``; record indices count from the start of the file."""
+        try:
+            return read_records(path, offset)
+        except FileNotFoundError:
+            return [], offset
+        except ValueError as exc:
+            event(log, "unreadable determinant log", logging.WARNING, path=str(path), error=str(exc))
+            return [], offset
+
+
+def shim_paths(unit_dir: Path) -> tuple[Path, Path]:
+    """(log directory, control file) of a unit run under the shim."""
+    d = Path(unit_dir) / "shim"
+    return d, d / "control"
+
+
+def ensure_shim_dir(unit_dir: Path) -> tuple[Path, Path]:
+    d, ctl = shim_paths(unit_dir)
+    os.makedirs(d, exist_ok=True)
+    return d, ctl
