@@ -8,6 +8,7 @@ Stages of one unit run one after the other; different units proceed in parallel.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -15,12 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from interpose import shim_env
 from interpose.control import ControlPage
 from orchestrator import protocol
 from orchestrator.bus.base import Bus, BusError, Delivery
 from orchestrator.logs import event
-from orchestrator.store import Store
+from orchestrator.store import Store, write_json_atomic
 
 from .checkpointers.base import CheckpointError
 from .checkpointers.registry import capabilities
@@ -55,9 +58,45 @@ class NodeAgent:
         return f"gridckpt.agent.{self.site}.{self.node}"
 
     # ----------------------------------------------------------------- lifecycle
+    @property
+    def state_file(self) -> Path:
+        """Where this agent remembers its units, to adopt them again after a restart."""
+        return self.store.root / "agents" / f"{self.site}.{self.node}.json"
+
+    def _save_units(self) -> None:
+        rows = [{"job": u.job, "unit": u.name, "spec": u.spec, "pid": u.root_pid, "started": u.started}
+                for u in self.units.values() if not u.ended and u.root_pid]
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.state_file, rows)
+
+    async def _adopt_previous_units(self) -> None:
+        """Units a previous incarnation of this agent left running are watched again."""
+        try:
+            rows = json.loads(await asyncio.to_thread(self.state_file.read_text))
+        except FileNotFoundError:
+            return
+        except ValueError as exc:
+            event(log, "unit state file unreadable", logging.WARNING, path=str(self.state_file), error=str(exc))
+            return
+        for row in rows:
+            pid, started = row.get("pid"), row.get("started") or 0.0
+            try:
+                proc = psutil.Process(pid)
+                alive = proc.status() != psutil.STATUS_ZOMBIE and abs(proc.create_time() - started) < 5.0
+            except (psutil.Error, TypeError, ValueError):
+                alive = False
+            if not alive:
+                continue
+            unit = self._new_unit(row["job"], row["unit"], row["spec"])
+            unit.adopt(pid)
+            unit.started = started
+            await unit.set_state("running")
+            event(log, "unit adopted", job=unit.job, unit=unit.name, pid=pid)
+
     async def start(self) -> None:
-        """Consume commands, register, start heartbeating."""
+        """Adopt units left running, consume commands, register, start heartbeating."""
         become_subreaper()
+        await self._adopt_previous_units()
         self._consumer = await self.bus.consume(self.queue_name, [protocol.agent_key(self.site, self.node)],
                                                 self._on_command, kind="exclusive", prefetch=256)
         await self._emit(protocol.event_key(self.site, self.node), "register", node=self.node, site=self.site,
@@ -112,6 +151,7 @@ class NodeAgent:
         return rep
 
     async def _on_unit_state(self, unit: Unit) -> None:
+        await asyncio.to_thread(self._save_units)
         await self._emit(protocol.event_key(self.site, self.node), "unit_event", node=self.node,
                          **self._unit_report(unit))
 

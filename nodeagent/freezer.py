@@ -182,6 +182,23 @@ class Freezer:
         except (OSError, ValueError):
             return []
 
+    def attach(self, pids: list[int]) -> None:
+        """Move processes (e.g. a restored, stopped tree) into the unit's cgroup."""
+        if not self.path:
+            return
+        self.create()
+        present = set(self.cgroup_pids())
+        for pid in pids:
+            if pid in present:
+                continue
+            try:
+                _write(self.procs_file, str(pid))
+            except ProcessLookupError:
+                pass
+            except OSError as e:
+                if e.errno != errno.ESRCH:
+                    raise CheckpointError(f"cannot move pid {pid} into {self.path}: {e.strerror}") from None
+
     def remove(self) -> None:
         """Remove the cgroup once it is empty, and its job directory if that is empty too."""
         if not self.path or not os.path.isdir(self.path):

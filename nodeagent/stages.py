@@ -72,6 +72,7 @@ class UnitStageRunner:
         """Run ``stage``; return {"stage", "ms", "data"} or raise CheckpointError."""
         if stage not in STAGES:
             raise CheckpointError(f"unknown stage {stage!r}")
+        seq = seq or None     # 0 / None: not given (the images dir then comes from prepare)
         key = (unit.job, unit.name, checkpoint_id, stage)
         fut = self._done.get(key)
         if fut is None:
@@ -225,7 +226,8 @@ class UnitStageRunner:
             raise
         if unit.root_pid is None:
             raise CheckpointError(f"rebuild of {unit.name}: the backend restored no process")
-        unit.adopt(unit.root_pid)    # no-op when the unit launched it itself
+        # watch it (a no-op when the unit launched it itself); the backend may reap it
+        unit.adopt(unit.root_pid, exit_waiter=getattr(backend, "wait_exit", None))
         await unit.set_state("stopped")
         return {"pid": unit.root_pid, "nprocs": len(unit.pids()), "bytes": manifest.get("bytes", 0),
                 "seq": ctx["seq"]}

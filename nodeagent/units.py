@@ -168,8 +168,14 @@ class Unit:
             await asyncio.sleep(0.001)
         raise CheckpointError(f"unit {self.name}: pid {pid} did not reach its stopped state")
 
-    def adopt(self, pid: int | None = None) -> None:
-        """Watch a tree this agent did not launch itself (e.g. restored by CRIU)."""
+    def adopt(self, pid: int | None = None,
+              exit_waiter: Callable[[int], Awaitable[int | None]] | None = None) -> None:
+        """Watch a tree this agent did not launch itself (e.g. restored by CRIU).
+
+        The tree joins the unit's cgroup (it must not fork meanwhile: adopt it stopped).
+        ``exit_waiter(pid)``, when the restoring backend reaps the root itself, returns its
+        exit code (negative: killed by that signal); otherwise a pidfd is watched.
+        """
         pid = pid or self.root_pid
         if pid is None:
             raise CheckpointError(f"unit {self.name}: nothing to adopt (no root pid)")
@@ -180,7 +186,8 @@ class Unit:
         self._proc = None
         self._started_mono = time.monotonic()
         self.started = time.time()
-        self._watch_task(self._watch_pidfd(pid))
+        self.freezer.attach(tree_pids(pid))
+        self._watch_task(self._watch_adopted(pid, exit_waiter))
 
     def _reset_exit(self) -> None:
         self.exit_code = self.signal = None
@@ -201,6 +208,17 @@ class Unit:
             await self._ended_with(None, -rc)
         else:
             await self._ended_with(rc, None)
+
+    async def _watch_adopted(self, pid: int, exit_waiter) -> None:
+        if exit_waiter is not None:
+            code = await exit_waiter(pid)
+            if code is not None:
+                await self._ended_with(code if code >= 0 else None, -code if code < 0 else None)
+                return
+            if not alive_pids([pid]):
+                await self._ended_with(None, None, "exit status unknown (reaped elsewhere)")
+                return
+        await self._watch_pidfd(pid)
 
     async def _watch_pidfd(self, pid: int) -> None:
         try:
@@ -324,8 +342,9 @@ class Unit:
                 pass
 
     def _reap_zombies(self) -> None:
-        """Reap zombies of the tree that are the agent's children (not asyncio's root)."""
-        own = self._proc.pid if self._proc else None
+        """Reap zombies of the tree that are the agent's children, except the root (reaped
+        by asyncio, by the pidfd watcher or by the backend that restored it)."""
+        own = self.root_pid
         me = os.getpid()
         for pid in set(self._tree_pids_raw()):
             if pid == own:

@@ -130,7 +130,9 @@ class Coordinator:
                 if missing:
                     raise StageFailed(f"no manifest in the store for unit(s) {', '.join(missing)}")
                 await asyncio.to_thread(store.commit_checkpoint, job.id, ckpt_id, seqs,
-                                        {"stages_ms": stages_ms, "units": {n: per_unit[n]["stages_ms"] for n in seqs}})
+                                        {"stages_ms": stages_ms, "units_ms": {n: per_unit[n]["stages_ms"] for n in seqs},
+                                         "bytes": sum(pu.get("bytes", 0) for pu in per_unit.values()),
+                                         "total_ms": _ms(t_all)})
             except StageFailed as exc:
                 event(log, "checkpoint aborted", logging.WARNING, job=job.id, checkpoint=ckpt_id, reason=str(exc))
                 try:

