@@ -14,7 +14,7 @@ import sys
 import time
 
 
-def serve(port: int, host: str) -> int:
+def serve(port: int, host: str, once: bool) -> int:
     srv = socket.create_server((host, port), reuse_port=False)
     while True:
         conn, _ = srv.accept()
@@ -22,9 +22,11 @@ def serve(port: int, host: str) -> int:
             for line in f:
                 f.write(line)
                 f.flush()
+        if once:
+            return 0
 
 
-def call(port: int, host: str, every: float) -> int:
+def call(port: int, host: str, every: float, rounds: int) -> int:
     name = os.environ.get("GRIDCKPT_UNIT", "client")
     deadline = time.monotonic() + 30
     while True:
@@ -38,7 +40,7 @@ def call(port: int, host: str, every: float) -> int:
             time.sleep(0.1)
     n = 0
     with sock, sock.makefile("rwb") as f:
-        while True:
+        while not rounds or n < rounds:
             n += 1
             f.write(f"msg {n}\n".encode())
             f.flush()
@@ -48,6 +50,8 @@ def call(port: int, host: str, every: float) -> int:
                 return 3
             print(f"{name} round={n} ok", flush=True)
             time.sleep(every)
+    print(f"{name} done rounds={n}", flush=True)
+    return 0
 
 
 def main() -> int:
@@ -56,8 +60,10 @@ def main() -> int:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--every", type=float, default=0.2)
+    ap.add_argument("--rounds", type=int, default=0, help="client: stop after this many rounds (0: never)")
+    ap.add_argument("--once", action="store_true", help="server: exit when the first client leaves")
     a = ap.parse_args()
-    return serve(a.port, a.host) if a.role == "serve" else call(a.port, a.host, a.every)
+    return serve(a.port, a.host, a.once) if a.role == "serve" else call(a.port, a.host, a.every, a.rounds)
 
 
 if __name__ == "__main__":

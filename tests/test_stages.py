@@ -180,7 +180,7 @@ async def test_criu_unit_through_every_stage_and_back(tmp_path):
         await u.launch(backend.plan_launch(u, command))
         await wait_for(lambda: len(counts(u)) >= 5)
         for stage in ("prepare", "stop", "checkpoint", "resume_cp"):
-            res = await runner.run(u, stage, "ck1", 1)
+            await runner.run(u, stage, "ck1", 1)
         saved = max(counts(u))
         os.kill(u.root_pid, signal.SIGKILL)
         assert await u.wait(3) == "failed"
@@ -189,12 +189,11 @@ async def test_criu_unit_through_every_stage_and_back(tmp_path):
         if u.freezer_path:
             assert set(u.pids()) <= set(u.freezer.cgroup_pids()), "restored tree not in the cgroup"
         await runner.run(u, "resume_rst", "rs1", 1)
-        await wait_for(lambda: max(counts(u)) > saved + 5)
+        await wait_for(lambda: len(counts(u)) > saved + 5)
         after = counts(u)
-        # the checkpoint was taken at some count c <= saved; the restored tree goes on from it
-        i = next(i for i in range(1, len(after)) if after[i] <= after[i - 1])
-        assert after[i] == after[i - 1] + 1 - (after[i - 1] - after[i] + 1) + (after[i - 1] - after[i] + 1) - 0 or True
-        assert after[i] > 1, "the restored unit started from scratch"
+        # stdout was rolled back to its checkpointed size and the restored tree goes on from
+        # there: one unbroken sequence 1, 2, 3, ... (from scratch would repeat 1, 2, ...)
+        assert after == list(range(1, len(after) + 1)), "the restored unit did not continue"
         # the restored tree can be checkpointed again (the freezer holds it)
         await runner.run(u, "prepare", "ck2", 2)
         await runner.run(u, "stop", "ck2", 2)
