@@ -46,7 +46,7 @@ async def round_trips(url: str, n: int, warmup: int = 50) -> list[float]:
                             protocol.make("pong", node=node, ping=msg["id"], sent=msg.get("sent")))
 
     try:
-        await orch.consume(events_q, [f"events.{site}.*"], on_event, kind="quorum", prefetch=256)
+        consumer = await orch.consume(events_q, [f"events.{site}.*"], on_event, kind="quorum", prefetch=256)
         await agent.consume(f"{site}.agent.{node}", [protocol.agent_key(site, node)], on_command,
                             kind="exclusive", prefetch=64)
         loop = asyncio.get_running_loop()
@@ -63,14 +63,15 @@ async def round_trips(url: str, n: int, warmup: int = 50) -> list[float]:
         return times
     finally:
         await agent.close()
+        await consumer.cancel()
         await _drop(orch, [events_q])
         await orch.close()
 
 
-async def events_rate(url: str, n: int, window: int) -> float:
+async def events_rate(url: str, n: int, window: int, **bus_options) -> float:
     """Events per second from an agent into the orchestrator, confirmed and acked."""
     site, node = f"bench{uuid.uuid4().hex[:8]}", "n1"
-    orch, agent = open_bus(url), open_bus(url)
+    orch, agent = open_bus(url), open_bus(url, **bus_options)
     await orch.connect()
     await agent.connect()
     events_q = f"{site}.orchestrator.events"
@@ -84,22 +85,23 @@ async def events_rate(url: str, n: int, window: int) -> float:
             done.set()
 
     try:
-        await orch.consume(events_q, [f"events.{site}.*"], on_event, kind="quorum", prefetch=2000)
+        consumer = await orch.consume(events_q, [f"events.{site}.*"], on_event, kind="quorum", prefetch=2000)
         key = protocol.event_key(site, node)
         msgs = [protocol.make("unit_event", job="j1", unit=f"u{i % 8}", node=node, state="running", pid=1000 + i)
                 for i in range(n)]
-        sem = asyncio.Semaphore(window)
+        todo = iter(msgs)
 
-        async def send(m):
-            async with sem:
+        async def sender():  # ``window`` of these keep that many publishes in flight
+            for m in todo:
                 await agent.publish(key, m, timeout=30)
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(send(m) for m in msgs))
+        await asyncio.gather(*(sender() for _ in range(window)))
         await asyncio.wait_for(done.wait(), 120)
         return n / (time.perf_counter() - t0)
     finally:
         await agent.close()
+        await consumer.cancel()
         await _drop(orch, [events_q])
         await orch.close()
 
@@ -120,21 +122,31 @@ async def main() -> int:
     ap.add_argument("--events", type=int, default=50_000, help="events for the rate test (default %(default)s)")
     ap.add_argument("--window", type=int, default=1000, help="publishes in flight (default %(default)s)")
     ap.add_argument("--no-memory", action="store_true", help="skip memory://")
+    ap.add_argument("--no-unbatched", action="store_true", help="skip the amqp:// rate without envelopes")
     args = ap.parse_args()
     if args.n < 1 or args.events < 1 or args.window < 1:
         print("bench_bus: --n, --events and --window must be positive", file=sys.stderr)
         return 2
     rows = []
     urls = ([] if args.no_memory else ["memory://bench"]) + [args.broker]
-    for url in urls:
-        rt = await round_trips(url, args.n)
-        rate = await events_rate(url, args.events, args.window)
-        q = statistics.quantiles(rt, n=100)
-        rows.append((url.split("://")[0] + "://", statistics.median(rt), q[98], rate))
-    print(f"{'transport':<10} {'round trip median ms':>21} {'round trip p99 ms':>18} {'events/s (confirms)':>20}")
+    try:
+        for url in urls:
+            rt = await round_trips(url, args.n)
+            rate = await events_rate(url, args.events, args.window)
+            q = statistics.quantiles(rt, n=100)
+            rows.append((url.split("://")[0] + "://", f"{statistics.median(rt):.3f}", f"{q[98]:.3f}", f"{rate:,.0f}"))
+        if not args.no_unbatched:
+            # The same with every event in its own AMQP message (no envelopes), for comparison.
+            rate = await events_rate(args.broker, min(args.events, 10_000), args.window, batching=False)
+            rows.append(("amqp:// unbatched", "-", "-", f"{rate:,.0f}"))
+    except Exception as exc:
+        print(f"bench_bus: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{'transport':<18} {'round trip median ms':>21} {'round trip p99 ms':>18} {'events/s (confirms)':>20}")
     for name, med, p99, rate in rows:
-        print(f"{name:<10} {med:>21.3f} {p99:>18.3f} {rate:>20,.0f}")
-    print(f"({args.n} round trips, {args.events} events, {args.window} publishes in flight)")
+        print(f"{name:<18} {med:>21} {p99:>18} {rate:>20}")
+    print(f"({args.n} round trips, {args.events} events, {args.window} publishes in flight, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f})")
     return 0
 
 

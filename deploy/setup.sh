@@ -239,8 +239,8 @@ find_orig_tarball() {
 
 # Fallback: fetch only the upstream tarball, hash-checked by apt's own helper.
 fetch_orig_tarball() {
-    local suite="$1" uri name size hash
-    read -r uri name size hash < <(apt-get source --print-uris "criu/${suite}" 2>/dev/null |
+    local suite="$1" uri name _size hash
+    read -r uri name _size hash < <(apt-get source --print-uris "criu/${suite}" 2>/dev/null |
         awk '/\.orig\.tar\./ && !/\.asc/ {gsub(/\047/, "", $1); print $1, $2, $3, $4; exit}') || true
     [[ -n "${uri:-}" ]] || return 0
     log "downloading $name"
@@ -281,6 +281,7 @@ ensure_criu() {
 os_codename() {
     local c=""
     if [[ -r /etc/os-release ]]; then
+        # shellcheck disable=SC1091
         c=$(. /etc/os-release && printf '%s' "${VERSION_CODENAME:-}")
     fi
     printf '%s\n' "${c:-unknown}"
@@ -332,11 +333,11 @@ ensure_venv() {
         log "gridckpt ok in $venv ($mode install, source unchanged)"
         return 0
     fi
-    need "pip install ($mode) $REPO[test] into $venv" || return 0
+    need "pip install ($mode) ${REPO}[test] into $venv" || return 0
     rm -f "$venv/$STAMP_NAME"
     local pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
     if [[ $mode == editable ]]; then
-        "${pip[@]}" -e "$REPO[test]"
+        "${pip[@]}" -e "${REPO}[test]"
     else
         # Built from a clean copy (what a fresh clone holds), so no stale build/ or egg-info in
         # the working tree leaks into the wheel, and none is left behind. pip reinstalls a local
@@ -344,7 +345,7 @@ ensure_venv() {
         local copy
         copy=$(mktemp -d /tmp/gridckpt-src.XXXXXX)
         clean_copy "$REPO" "$copy/gridckpt"
-        "${pip[@]}" "$copy/gridckpt[test]" || { rm -rf "$copy"; die "pip install failed"; }
+        "${pip[@]}" "${copy}/gridckpt[test]" || { rm -rf "$copy"; die "pip install failed"; }
         rm -rf "$copy"
     fi
     "$venv/bin/gridckpt" --help >/dev/null || die "$venv/bin/gridckpt --help failed after install"

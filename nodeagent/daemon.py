@@ -52,6 +52,7 @@ class NodeAgent:
         self._tasks: set[asyncio.Task] = set()
         self._consumer: Any = None
         self._hb_task: asyncio.Task | None = None
+        self._watchdogs: dict[tuple[str, str, str], asyncio.Task] = {}
 
     @property
     def queue_name(self) -> str:
@@ -113,9 +114,9 @@ class NodeAgent:
             self._consumer = None
         for q in self._queues.values():
             await q.join()
-        for t in list(self._workers.values()) + list(self._tasks):
+        for t in list(self._workers.values()) + list(self._tasks) + list(self._watchdogs.values()):
             t.cancel()
-        await asyncio.gather(*self._workers.values(), *self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._workers.values(), *self._tasks, *self._watchdogs.values(), return_exceptions=True)
         await self.shipper.stop()
         if self._hb_task:
             self._hb_task.cancel()
@@ -165,12 +166,7 @@ class NodeAgent:
         if t not in ("launch", "kill", "stage"):
             event(log, "ignored command", logging.WARNING, type=t)
             return
-        key = (msg["job"], msg["unit"])
-        q = self._queues.get(key)
-        if q is None:
-            q = self._queues[key] = asyncio.Queue()
-            self._workers[key] = asyncio.create_task(self._unit_worker(key, q))
-        q.put_nowait(msg)
+        self._on_command_local(msg)
 
     async def _unit_worker(self, key: tuple[str, str], q: asyncio.Queue) -> None:
         while True:
@@ -211,6 +207,32 @@ class NodeAgent:
         self.units[(job, name)] = unit
         return unit
 
+    def _arm_watchdog(self, unit: Unit, ckpt: str, args: dict[str, Any]) -> None:
+        """A unit mid-checkpoint whose orchestrator falls silent is resumed: the checkpoint is abandoned."""
+        delay = 2 * float(args.get("timeout") or 30.0)
+        key = (unit.job, unit.name, ckpt)
+
+        async def fire() -> None:
+            await asyncio.sleep(delay)
+            event(log, "no resume_cp or abort in time: abandoning the checkpoint and thawing", logging.WARNING,
+                  job=unit.job, unit=unit.name, checkpoint=ckpt, waited_s=delay)
+            self._on_command_local(protocol.make("stage", job=unit.job, unit=unit.name, checkpoint=ckpt,
+                                                 stage=protocol.ABORT_STAGE, args=dict(args)))
+
+        old = self._watchdogs.pop(key, None)
+        if old is not None:
+            old.cancel()
+        self._watchdogs[key] = asyncio.create_task(fire())
+
+    def _on_command_local(self, msg: dict[str, Any]) -> None:
+        """Queue a command as if it had come from the bus (serialised with the unit's others)."""
+        key = (msg["job"], msg["unit"])
+        q = self._queues.get(key)
+        if q is None:
+            q = self._queues[key] = asyncio.Queue()
+            self._workers[key] = asyncio.create_task(self._unit_worker(key, q))
+        q.put_nowait(msg)
+
     def _set_interval(self, unit: Unit, interval: int) -> None:
         """Stamp the unit's next determinants with ``interval`` (a unit under the shim only)."""
         if "LD_PRELOAD" in unit.env:
@@ -248,6 +270,12 @@ class NodeAgent:
                     raise CheckpointError(f"unit {name} of job {job} is not on node {self.node}")
             else:
                 res = await self.runner.run(unit, stage, ckpt, int(args.get("seq", 0)), args)
+                if stage == "prepare":
+                    self._arm_watchdog(unit, ckpt, args)
+                if stage in ("resume_cp", protocol.ABORT_STAGE):
+                    dog = self._watchdogs.pop((job, name, ckpt), None)
+                    if dog is not None and dog is not asyncio.current_task():
+                        dog.cancel()
                 if stage == "resume_cp":
                     self._set_interval(unit, int(args["seq"]))
                 elif stage == "rebuild":

@@ -199,29 +199,37 @@ class Freezer:
                 if e.errno != errno.ESRCH:
                     raise CheckpointError(f"cannot move pid {pid} into {self.path}: {e.strerror}") from None
 
-    def remove(self) -> None:
-        """Remove the cgroup once it is empty, and its job directory if that is empty too."""
+    def _try_remove(self) -> bool:
+        """One attempt; True once the cgroup is gone (EBUSY: tasks still leaving it)."""
         if not self.path or not os.path.isdir(self.path):
-            return
-        if self.frozen or self.kind == "v1" and self._v1_state() != "THAWED":
+            return True
+        if self.frozen or self.is_frozen():
             try:
                 self._thaw_now()
+                self.frozen = False
             except OSError:
                 pass
-        for _ in range(200):
-            try:
-                os.rmdir(self.path)
-                break
-            except FileNotFoundError:
-                break
-            except OSError as e:
-                if e.errno != errno.EBUSY:
-                    return
-                time.sleep(0.005)   # exiting tasks leave the cgroup asynchronously
         try:
-            os.rmdir(os.path.dirname(self.path))
+            os.rmdir(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            return e.errno != errno.EBUSY
+        try:
+            os.rmdir(os.path.dirname(self.path))     # the job's directory, once empty
         except OSError:
             pass
+        return True
+
+    def remove(self) -> None:
+        """Remove the cgroup if it is empty (one attempt, never blocks)."""
+        self._try_remove()
+
+    async def remove_async(self, timeout: float = 1.0) -> None:
+        """Remove the cgroup, waiting a little for exiting tasks to leave it."""
+        deadline = time.monotonic() + timeout
+        while not self._try_remove() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
 
     # -- freeze / thaw -----------------------------------------------------------------
     def _v1_state(self) -> str:
@@ -350,3 +358,34 @@ def launch_wrapper(argv: list[str], procs_file: str | None, stop_before_exec: bo
         script += "kill -STOP $$; "
     script += 'exec "$@"'
     return ["/bin/sh", "-c", script, procs_file or "sh", *argv]
+
+
+def sweep_empty_cgroups(min_age: float = 60.0) -> list[str]:
+    """Remove unit cgroups left empty by an agent that died (older than ``min_age`` s,
+    so a cgroup another agent has just created for a launch is never touched)."""
+    kind, mount = freezer_kind()
+    if mount is None:
+        return []
+    top = os.path.join(mount, "gridckpt")
+    removed = []
+    now = time.time()
+    try:
+        jobs = [e.path for e in os.scandir(top) if e.is_dir()]
+    except OSError:
+        return []
+    for job in jobs:
+        try:
+            units = [e.path for e in os.scandir(job) if e.is_dir()]
+        except OSError:
+            continue
+        for path in units + [job]:
+            try:
+                if now - os.stat(path).st_mtime < min_age:
+                    continue
+                if _read(os.path.join(path, "cgroup.procs")).strip():
+                    continue
+                os.rmdir(path)
+                removed.append(path)
+            except OSError:
+                continue
+    return removed

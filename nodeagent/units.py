@@ -97,13 +97,20 @@ class Unit:
         return self.freezer.path
 
     def _tree_pids_raw(self) -> list[int]:
-        pids = set(tree_pids(self.root_pid))
-        pids.update(self.freezer.cgroup_pids())
+        # The cgroup holds every process of the unit, double-forked ones included, and
+        # reading it is cheap; psutil's walk of the root's descendants (a scan of all /proc)
+        # serves where there is no cgroup, or the cgroup is (still/already) empty.
+        pids = set(self.freezer.cgroup_pids())
+        if pids:
+            if self.root_pid is not None:
+                pids.add(self.root_pid)
+        else:
+            pids.update(tree_pids(self.root_pid))
         pids.discard(os.getpid())
         return sorted(pids)
 
     def pids(self) -> list[int]:
-        """Every live pid of the tree: the root's descendants and the cgroup's members."""
+        """Every live pid of the tree: the cgroup's members, else the root's descendants."""
         return alive_pids(self._tree_pids_raw())
 
     # -- launch ------------------------------------------------------------------------
@@ -148,9 +155,19 @@ class Unit:
             await self._wait_stopped(proc.pid)
             if not use_cgroup:
                 self.freezer.frozen = True
+        elif use_cgroup:
+            await self._wait_in_cgroup(proc)
         self._watch_task(self._watch_child(proc))
         await self._set_state("stopped" if stopped else "running")
         return proc.pid
+
+    async def _wait_in_cgroup(self, proc: asyncio.subprocess.Process, timeout: float = 2.0) -> None:
+        """Return once the new root sits in its cgroup (or has already ended)."""
+        deadline = time.monotonic() + timeout
+        while proc.pid not in self.freezer.cgroup_pids() and proc.returncode is None:
+            if not alive_pids([proc.pid]) or time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.0005)
 
     async def _wait_stopped(self, pid: int, timeout: float = 5.0) -> None:
         """Wait until a stopped launch really sits in its cgroup (or in SIGSTOP)."""
@@ -259,7 +276,7 @@ class Unit:
         else:
             self.state = "exited"
         self.detail = detail
-        self.freezer.remove()
+        await self.freezer.remove_async()
         self._ended.set()
         await self._notify()
 
@@ -289,7 +306,7 @@ class Unit:
         """Kill the whole tree, leaving no process behind; return when it is gone."""
         if self.ended or self.root_pid is None:
             await self._kill_tree(reap=True)
-            self.freezer.remove()
+            await self.freezer.remove_async()
             return
         self._killing = True
         try:
@@ -395,7 +412,7 @@ class Unit:
             await self.kill()
         if self._watch and not self._watch.done():
             self._watch.cancel()
-        self.freezer.remove()
+        await self.freezer.remove_async()
 
 
 def _reap_pidfd(fd: int) -> tuple[int | None, int | None, str | None]:

@@ -20,6 +20,7 @@ from .bus.base import BusError
 from .control import ControlError
 from .jobs import TERMINAL_UNIT_STATES, JobState, PlacementError, UnitState, place_units
 from .logs import event
+from .store import CorruptCheckpoint, verify_manifest
 
 if TYPE_CHECKING:
     from .daemon import Orchestrator
@@ -115,7 +116,7 @@ class Coordinator:
             await asyncio.to_thread(store.begin_checkpoint, job.id, ckpt_id, seqs)
             for u in units:
                 per_unit[u.name]["seq"] = seqs[u.name]
-            args = {u.name: {"seq": seqs[u.name]} for u in units}
+            args = {u.name: {"seq": seqs[u.name], "timeout": self._timeout(job)} for u in units}
             try:
                 for stage in ("prepare", "stop", "checkpoint"):
                     t0 = time.perf_counter()
@@ -190,6 +191,11 @@ class Coordinator:
         unknown = [n for n in place if n not in job.units]
         if unknown:
             raise ControlError(f"--place names unknown unit(s): {', '.join(unknown)}", 2)
+        try:  # refuse a damaged checkpoint before touching the running job
+            await asyncio.to_thread(lambda: [verify_manifest(store.images_dir(job.id, n, s))
+                                             for n, s in ckpt["units"].items()])
+        except CorruptCheckpoint as exc:
+            raise ControlError(f"checkpoint {ckpt['id']} of {job.id} is damaged: {exc}") from None
         job.busy = "restart"
         job.state = "restarting"
         t_all = time.perf_counter()

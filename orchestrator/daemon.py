@@ -44,7 +44,8 @@ class Orchestrator:
         self._unit_waiters: list[tuple[asyncio.Future, Any]] = []
         self._pings: dict[str, asyncio.Future] = {}
         self._stopping = False
-        self._unreported: set[tuple[str, str]] = set()  # units recovered from the store, not yet reported
+        self._unreported: set[tuple[str, str]] = set()
+        self._abandoned: list[tuple[str, str, dict[str, int]]] = []  # checkpoints a crash left pending  # units recovered from the store, not yet reported
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -59,6 +60,8 @@ class Orchestrator:
         self._consumers.append(await self.bus.consume(
             protocol.CONTROL_QUEUE, [protocol.CONTROL_KEY], self._on_control, kind="exclusive", prefetch=16))
         self._spawn(self._watch_agents())
+        for job_id, ckpt_id, seqs in self._abandoned:
+            self._spawn(self._tell_abort(job_id, ckpt_id, seqs))
         if self._unreported:
             self._spawn(self._expire_unreported())
         for job in self.jobs.values():
@@ -93,8 +96,9 @@ class Orchestrator:
                 continue
             for ckpt in self.store.pending_checkpoints(job_id):
                 self.store.abort_checkpoint(job_id, ckpt)
-                event(log, "aborted unfinished checkpoint", job=job_id,
-                      checkpoint=ckpt["id"] if isinstance(ckpt, dict) else ckpt)
+                ckpt_id = ckpt["id"] if isinstance(ckpt, dict) else ckpt
+                self._abandoned.append((job_id, ckpt_id, dict(ckpt.get("units", {})) if isinstance(ckpt, dict) else {}))
+                event(log, "aborted unfinished checkpoint", job=job_id, checkpoint=ckpt_id)
             for unit, seq in self.store.remove_partial(job_id):
                 event(log, "removed partial images", job=job_id, unit=unit, seq=seq)
             if rec.get("state") in ("cancelled", "succeeded"):
@@ -108,6 +112,18 @@ class Orchestrator:
             if job.state == "restarting":
                 job.state = "failed"
             self.jobs[job_id] = job
+
+    async def _tell_abort(self, job_id: str, ckpt_id: str, seqs: dict[str, int]) -> None:
+        """Units may still be prepared or frozen for a checkpoint a crash left behind: abort it."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        for unit in job.units.values():
+            try:
+                await self.send(unit.site, unit.node, "stage", job=job_id, unit=unit.name, checkpoint=ckpt_id,
+                                stage=protocol.ABORT_STAGE, args={"seq": seqs.get(unit.name, 0)})
+            except BusError:
+                pass  # that agent is gone; its watchdog resumes the unit
 
     async def _expire_unreported(self) -> None:
         """Units recovered from the store that no agent reports within 3 heartbeats are lost."""

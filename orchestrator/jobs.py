@@ -65,8 +65,8 @@ class JobState:
     busy: str = ""  # "checkpoint" / "restart" while a stage machine runs
 
     def derive_state(self) -> str:
-        """Job state from its units (unless cancelled/restarting)."""
-        if self.state in ("cancelled", "restarting"):
+        """Job state from its units (a cancelled job stays cancelled)."""
+        if self.state == "cancelled":
             return self.state
         states = [u.state for u in self.units.values()]
         if any(s in ("failed", "lost") for s in states):

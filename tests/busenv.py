@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
 import uuid
 from typing import Any, Awaitable, Callable
@@ -13,13 +14,32 @@ from orchestrator.bus import Bus, open_bus
 AMQP_URL = os.environ.get("GRIDCKPT_TEST_BROKER", "amqp://guest:guest@localhost/")
 
 
+def _rabbitmqctl(*args: str) -> None:
+    try:
+        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {exc} (is RabbitMQ installed and running?)")
+
+
+def make_vhost() -> str:
+    """A fresh vhost (so this module's dead-letter queue is its own); returns its amqp:// URL."""
+    name = f"gridckpt-bus-{uuid.uuid4().hex[:8]}"
+    _rabbitmqctl("add_vhost", name)
+    _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    return f"{AMQP_URL.rstrip('/')}/{name}"
+
+
+def drop_vhost(url: str) -> None:
+    _rabbitmqctl("delete_vhost", url.rsplit("/", 1)[1])
+
+
 class BusEnv:
     """Buses of one transport for one test; names made unique by ``prefix``."""
 
-    def __init__(self, transport: str) -> None:
+    def __init__(self, transport: str, amqp_url: str = AMQP_URL) -> None:
         self.transport = transport
         self.prefix = f"t{uuid.uuid4().hex[:10]}"
-        self.url = f"memory://{self.prefix}" if transport == "memory" else AMQP_URL
+        self.url = f"memory://{self.prefix}" if transport == "memory" else amqp_url
         self.buses: list[Bus] = []
         self.queues: set[str] = set()
 

@@ -9,16 +9,24 @@ import time
 import msgpack
 import pytest
 
-from busenv import BusEnv, wait_dead, wait_until
+from busenv import BusEnv, drop_vhost, make_vhost, wait_dead, wait_until
 from orchestrator import protocol
-from orchestrator.bus import BusError, Delivery, RequestTimeout, Unroutable, open_bus
+from orchestrator.bus import BusError, Delivery, PublishTimeout, RequestTimeout, Unroutable, open_bus
 
 TRANSPORTS = ["memory", pytest.param("amqp", marks=pytest.mark.amqp)]
 
 
+@pytest.fixture(scope="module")
+def amqp_url():
+    """One vhost for this module: its dead-letter queue sees only these tests' messages."""
+    url = make_vhost()
+    yield url
+    drop_vhost(url)
+
+
 @pytest.fixture(params=TRANSPORTS)
 async def env(request):
-    e = BusEnv(request.param)
+    e = BusEnv(request.param, request.getfixturevalue("amqp_url") if request.param == "amqp" else "")
     await e.new_bus()
     try:
         yield e
@@ -281,3 +289,134 @@ async def test_amqp_unknown_vhost_is_a_clear_error():
     bus = open_bus("amqp://guest:guest@localhost/no-such-vo", connect_timeout=2.0)
     with pytest.raises(BusError, match="refused virtual host .no-such-vo."):
         await bus.connect()
+
+
+@pytest.mark.parametrize("kind", ["quorum", "exclusive"])
+async def test_burst_each_message_handled_once_poison_dead_lettered(env, kind):
+    """600 concurrent publishes (amqp groups them into envelopes): the same per-message contract."""
+    bus, agent = env.buses[0], await env.new_bus()
+    poison = {f"{env.prefix}-poison-{i}" for i in range(3)}
+    flaky = {f"{env.prefix}-m-{i}" for i in range(0, 600, 50)}
+    calls: dict[str, int] = {}
+    handled: list[str] = []
+    batched = []
+
+    async def handler(msg, delivery):
+        mid = msg["id"]
+        calls[mid] = calls.get(mid, 0) + 1
+        batched.append("x-gridckpt-batch" in delivery.headers)
+        if mid in poison or (mid in flaky and calls[mid] == 1):
+            raise RuntimeError("fails")
+        handled.append(mid)
+
+    queue = env.q(f"burst-{kind}")
+    await bus.consume(queue, [env.key("burst")], handler, kind=kind, prefetch=256)
+    ids = [f"{env.prefix}-m-{i}" for i in range(600)] + sorted(poison)
+    await asyncio.gather(*(agent.publish(env.key("burst"), ping(id=i)) for i in ids))
+    await wait_until(lambda: len(handled) == 600, timeout=15, what="600 handled messages")
+    dead = await wait_dead(env, len(poison))
+    assert sorted(handled) == sorted(ids[:600])  # every message exactly once, none lost
+    assert all(calls[i] == 1 for i in ids[:600] if i not in flaky)
+    assert all(calls[i] == 2 for i in flaky)
+    assert all(calls[i] == 1 + protocol.DELIVERY_LIMIT for i in poison)
+    assert sorted(protocol.decode(b)["id"] for b, _ in dead) == sorted(poison)
+    assert {r for _, r in dead} == {f"delivery_limit on queue {queue}"}
+    if env.transport == "amqp":
+        assert any(batched), "the burst was not grouped: the envelope path went untested"
+
+
+async def test_burst_of_mandatory_publishes_to_nowhere_all_raise(env):
+    bus = env.buses[0]
+    results = await asyncio.gather(*(bus.publish(env.key("void"), ping(), mandatory=True) for _ in range(100)),
+                                   return_exceptions=True)
+    assert all(isinstance(r, Unroutable) for r in results), {type(r).__name__ for r in results}
+
+
+async def test_burst_of_malformed_and_valid_mixed(env):
+    """Malformed bodies interleaved with a burst of valid ones: valid ones all delivered once."""
+    bus, agent = env.buses[0], await env.new_bus()
+    got, handler = recorder()
+    queue = env.q("mixed")
+    await bus.consume(queue, [env.key("mixed")], handler, kind="quorum", prefetch=128)
+    valid = [ping() for _ in range(300)]
+    bad = [b"\x93\x01\x02" + bytes([i % 256]) for i in range(30)]
+    await asyncio.gather(*(agent.publish(env.key("mixed"), m) for m in valid),
+                         *(agent.publish_raw(env.key("mixed"), b) for b in bad))
+    await wait_until(lambda: len(got) == len(valid), timeout=15, what="all valid messages")
+    dead = await wait_dead(env, len(bad))
+    assert sorted(m["id"] for m, _ in got) == sorted(m["id"] for m in valid)
+    assert sorted(b for b, _ in dead) == sorted(bad)
+
+
+@pytest.fixture
+async def amqp_env(amqp_url):
+    e = BusEnv("amqp", amqp_url)
+    await e.new_bus()
+    try:
+        yield e
+    finally:
+        await e.cleanup()
+
+
+@pytest.mark.amqp
+async def test_amqp_publish_timeout(amqp_env):
+    """(amqp only: memory:// confirms at once, a publish there cannot time out.)"""
+    env = amqp_env
+    bus = env.buses[0]
+    await bus.consume(env.q("slowpoke"), [env.key("slowpoke")], recorder()[1], kind="quorum")
+    with pytest.raises(PublishTimeout):
+        await bus.publish(env.key("slowpoke"), ping(), timeout=1e-6)
+    results = await asyncio.gather(*(bus.publish(env.key("slowpoke"), ping(), timeout=1e-6) for _ in range(50)),
+                                   return_exceptions=True)  # queued behind the pipeline, too
+    assert all(isinstance(r, PublishTimeout) for r in results), {type(r).__name__ for r in results}
+    await bus.publish(env.key("slowpoke"), ping(), timeout=5)  # the bus is fine afterwards
+
+
+@pytest.mark.amqp
+async def test_amqp_first_connect_is_retried_until_the_broker_appears():
+    """Nothing listens at first; a forwarder to RabbitMQ starts 1 s later; connect() succeeds."""
+    from busenv import AMQP_URL
+    from urllib.parse import urlsplit
+
+    target = urlsplit(AMQP_URL)
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    pipes: list[asyncio.Task] = []
+
+    async def pipe(reader, writer):
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def forward(reader, writer):
+        up_r, up_w = await asyncio.open_connection(target.hostname, target.port or 5672)
+        pipes.extend([asyncio.create_task(pipe(reader, up_w)), asyncio.create_task(pipe(up_r, writer))])
+
+    async def start_later():
+        await asyncio.sleep(1.0)
+        return await asyncio.start_server(forward, "127.0.0.1", port)
+
+    starter = asyncio.create_task(start_later())
+    bus = open_bus(f"amqp://guest:guest@127.0.0.1:{port}/", connect_timeout=10)
+    t0 = time.monotonic()
+    await bus.connect()
+    assert time.monotonic() - t0 >= 0.9
+    server = await starter
+    try:
+        got, handler = recorder()
+        await bus.consume(f"t-retry-{port}", [f"retry.{port}"], handler, kind="exclusive")
+        await bus.publish(f"retry.{port}", ping(), mandatory=True)
+        await wait_until(lambda: len(got) == 1, what="a message through the late broker")
+    finally:
+        await bus.close()
+        server.close()
+        for t in pipes:
+            t.cancel()
+        await asyncio.gather(*pipes, return_exceptions=True)

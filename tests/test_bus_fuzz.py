@@ -7,14 +7,22 @@ import collections
 
 import pytest
 
-from busenv import BusEnv, wait_dead, wait_until
+from busenv import BusEnv, drop_vhost, make_vhost, wait_dead, wait_until
 from fuzzmsgs import CATEGORIES, fuzz_bodies
 from orchestrator import protocol
 
 
+@pytest.fixture(scope="module")
+def amqp_url():
+    """One vhost for this module: its dead-letter queue sees only these tests' messages."""
+    url = make_vhost()
+    yield url
+    drop_vhost(url)
+
+
 @pytest.fixture(params=["memory", pytest.param("amqp", marks=pytest.mark.amqp)])
 async def env(request):
-    e = BusEnv(request.param)
+    e = BusEnv(request.param, request.getfixturevalue("amqp_url") if request.param == "amqp" else "")
     await e.new_bus()
     try:
         yield e

@@ -141,3 +141,25 @@ def test_gc_merges_old_intervals_and_never_passes_the_safe_line(tmp_path):
     assert r.obsolete == {"a": [3, 4], "b": []}
     assert log.gc()["units"] == 1                # the rest of a
     assert log.gc()["units"] == 0
+
+
+def test_records_ahead_of_their_checkpoint_count_as_current(tmp_path):
+    log = DeterminantLog(str(tmp_path))
+    log.append("a", [("send", "s", 0, 10, 0)])
+    log.append("b", [("recv", "s", 0, 10, 1)])   # b's checkpoint 1 not registered yet
+    model = log.load()
+    assert any("counted as current" in w for w in model.warnings)
+    assert line.compute(model, ["a"]).line == {"a": 0, "b": 0}
+    assert line.compute(model, ["b"]).line == {"a": "current", "b": 0}
+    with pytest.raises(ValueError, match="unknown unit 'zz'"):
+        line.compute(model, ["zz"])
+
+
+def test_live_command(tmp_path, capsys):
+    from orchestrator.recovery import cli
+
+    small_log(tmp_path)
+    assert cli.recovery_line_live(str(tmp_path), [], True) == 0
+    assert json.loads(capsys.readouterr().out)["line"] == {"a": 1, "b": 0}
+    assert cli.recovery_line_live(str(tmp_path), ["nobody"], True) == 2
+    assert "nobody" in capsys.readouterr().err

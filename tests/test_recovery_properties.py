@@ -162,7 +162,8 @@ def actions(draw, min_size=6, max_size=40):
     interleavings than element-wise drawing (whose small values make dull runs)."""
     rnd = draw(st.randoms(use_true_random=False))
     n = rnd.randint(min_size, max_size)
-    return [(rnd.choice(("ckpt", "ckpt", "send", "send", "recv", "recv", "recv")), rnd.randrange(50),
+    kinds = ("ckpt", "ckpt", "send", "send", "recv", "recv", "recv")
+    return [(rnd.choice(kinds), rnd.randrange(50),
              rnd.randint(1, 6)) for _ in range(n)]
 
 

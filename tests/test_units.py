@@ -232,3 +232,23 @@ def test_launch_wrapper_shapes():
     assert fz.launch_wrapper(["a", "b"], None) == ["a", "b"]
     w = fz.launch_wrapper(["a", "b c"], "/cg/cgroup.procs")
     assert w[:2] == ["/bin/sh", "-c"] and w[3:] == ["/cg/cgroup.procs", "a", "b c"]
+
+
+async def test_sweep_removes_only_old_empty_cgroups(tmp_path, cleanup):
+    u = make_unit(tmp_path)
+    cleanup.append(u)
+    if u.freezer_path is None:
+        pytest.skip("no cgroup freezer on this machine: nothing to sweep")
+    pid = await u.launch(LaunchPlan([PY, "-c", TREE]))
+    assert pid in u.freezer.cgroup_pids()      # launch returns once the root is inside
+    stale = Path(u.freezer_path).parent / "stale-unit"
+    stale.mkdir()
+    fresh = Path(u.freezer_path).parent / "fresh-unit"
+    fresh.mkdir()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    os.utime(u.freezer_path, (old, old))
+    removed = fz.sweep_empty_cgroups(min_age=60)
+    assert str(stale) in removed
+    assert fresh.exists() and os.path.exists(u.freezer_path)   # too young / not empty
+    fresh.rmdir()

@@ -367,10 +367,11 @@ class AmqpBus(Bus):
                          mandatory: bool, timeout: float) -> None:
         self._check()
         try:
-            await asyncio.wait_for(exchange.publish(message, routing_key, mandatory=mandatory), timeout)
+            async with asyncio.timeout(timeout):  # no extra task per publish, unlike wait_for
+                await exchange.publish(message, routing_key, mandatory=mandatory)
         except aio_pika.exceptions.PublishError:
             raise Unroutable(f"no queue takes routing key {routing_key!r}") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise PublishTimeout(f"broker did not confirm a publish to {routing_key!r} within {timeout:g}s") from None
         except aio_pika.exceptions.DeliveryError as exc:
             raise BusError(f"broker refused a publish to {routing_key!r}: {exc}") from None

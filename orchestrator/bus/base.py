@@ -11,7 +11,8 @@ Semantics (both implementations, checked by one contract test suite):
   delivers decoded, validated messages to ``handler(msg, delivery)`` one at a time per
   consumer (prefetch is a parameter).  The message is acked after the handler returns; if
   the handler raises, it is requeued and redelivered, and after ``DELIVERY_LIMIT``
-  deliveries it goes to the dead-letter exchange.  A body that fails
+  redeliveries (the handler ran ``1 + DELIVERY_LIMIT`` times, as RabbitMQ's
+  ``x-delivery-limit`` counts) it goes to the dead-letter exchange.  A body that fails
   ``protocol.decode`` is dead-lettered at once, with its reason logged.
 * A message id seen before by the same consumer is acked without calling the handler.
 * If the delivered message has a ``reply_to`` and the handler returns a dict, that dict is

@@ -36,6 +36,23 @@ def recovery_line_offline(log_path: str, failed: Sequence[str] | None, as_json: 
     return 0
 
 
+def recovery_line_live(det_dir: str, failed: Sequence[str] | None, as_json: bool) -> int:
+    """``gridckpt recovery-line JOB``: the same, on a job's live determinant log directory
+    (``<store>/jobs/<job>/determinants``). Returns the exit status."""
+    from .detlog import DeterminantLog
+
+    try:
+        model = DeterminantLog(det_dir).load()
+        result = compute(model, list(failed) if failed else None)
+    except (OSError, ValueError) as exc:
+        print(f"{det_dir}: {exc}", file=sys.stderr)
+        return 2
+    for warning in model.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(format_line(result, as_json))
+    return 0
+
+
 def format_line(result: LineResult, as_json: bool) -> str:
     """The JSON of DESIGN.md (plus useless/obsolete/failed/newest) or a readable table."""
     if as_json:
@@ -71,7 +88,8 @@ def format_line(result: LineResult, as_json: bool) -> str:
         lines.append("bytes to replay: none")
     lines.append(f"domino effect: {'yes' if result.domino else 'no'}")
     for title, table in (("useless checkpoints (on a Z-cycle)", result.useless),
-                         ("obsolete checkpoints (older than the all-failed line)", result.obsolete)):
+                         ("obsolete checkpoints (older than the all-failed line)",
+                          result.obsolete)):
         if table is None:
             continue
         parts = [f"{u}: {_seqs(seqs)}" for u, seqs in table.items() if seqs]

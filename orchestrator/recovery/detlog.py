@@ -3,7 +3,8 @@
 Layout of ``<store>/jobs/<job>/determinants/``::
 
     conns.jsonl    the conn-name table: one JSON string per line, id = line index (0-based)
-    events.jsonl   unit, checkpoint, failed, rollback, gc and unordered events, one JSON object a line
+    events.jsonl   unit, checkpoint, failed, rollback, gc and unordered events, one JSON
+                   object a line
     u<N>.bin       the records of the N-th declared unit: fixed-size little-endian 24-byte
                    records (key, start, end), key = conn_id << 32 | direction << 31 | interval
                    (direction 0 = send, 1 = recv)
@@ -344,14 +345,22 @@ class DeterminantLog:
                             best[key] = end
                 else:
                     best = dict(zip(words[0::3], words[2::3]))
+                newest = self._newest[unit]
                 sides: dict[int, list[tuple[int, int]]] = {}
+                early = 0
                 for key, end in best.items():
-                    sk = key >> 31
+                    sk, iv = key >> 31, key & INTERVAL_MASK
+                    if iv > newest:         # its checkpoint is not registered yet
+                        iv = newest         # same meaning: remembered only when current
+                        early += 1
                     pairs = sides.get(sk)
                     if pairs is None:
-                        sides[sk] = [(key & INTERVAL_MASK, end)]
+                        sides[sk] = [(iv, end)]
                     else:
-                        pairs.append((key & INTERVAL_MASK, end))
+                        pairs.append((iv, end))
+                if early:
+                    model.warnings.append(f"unit {unit!r}: records of intervals after its "
+                                          f"newest checkpoint {newest} counted as current")
                 for sk, pairs in sides.items():
                     intervals, cumulative = _running(pairs)
                     model.set_side(names[sk >> 1], sk & 1, unit, intervals, cumulative)

@@ -19,6 +19,9 @@ the 1-based line number):
   whole file: a recv of bytes nobody sent);
 - ``failed`` names a declared unit (repeating it is harmless).
 
+Offsets are stream positions: what a unit remembers of a stream at a position is the
+largest ``end`` of its records of earlier intervals; gaps between ranges are allowed.
+
 For errors found only after reading the whole file, the earliest offending line is
 reported.
 """
@@ -31,6 +34,8 @@ from typing import IO, Iterable, Iterator
 from .model import RECV, SEND, Model
 
 KINDS = ("unit", "checkpoint", "send", "recv", "failed")
+DIR_NAMES = ("send", "recv")
+DIR_VERBS = ("write", "read")
 
 
 class ExchangeError(ValueError):
@@ -199,7 +204,7 @@ def _check_and_fill(model: Model, conn: str, direction: int, unit: str,
     if not in_order:
         verb = DIR_VERBS[direction]
         ordered = sorted(recs)
-        top_end, top_iv, top_line = -1, -1, 0
+        top_end, top_iv = -1, -1
         end_line = iv_line = 0
         for start, end, interval, lineno in ordered:
             if start < top_end:
@@ -230,10 +235,6 @@ def _check_and_fill(model: Model, conn: str, direction: int, unit: str,
         cumulative.append(top)
     model.set_side(conn, direction, unit, intervals, cumulative)
     return None
-
-
-DIR_NAMES = ("send", "recv")
-DIR_VERBS = ("write", "read")
 
 
 def read(path: str) -> Model:

@@ -79,29 +79,36 @@ def build_graph(model: Model) -> RollbackGraph:
     for unit in units:
         b = base[unit]
         edges.extend((b + k, b + k + 1) for k in range(top[unit]))
-    deps: dict[tuple[int, str | None], int] = {}
-    get = deps.get
+    # per (receiver, sender): (receiver node, sender node) pairs, pruned of implied edges
+    pairs: dict[tuple[str, str | None], list[tuple[int, int]]] = {}
     for s in model.streams.values():
         if s.receiver is None or not s.recv_iv or s.receiver not in base:
             continue
         bv = base[s.receiver] + 1
         sender = s.sender if s.sender in base else None
         if sender is None:
-            key = (bv + s.recv_iv[0], None)
-            deps[key] = unsent
+            pairs.setdefault((s.receiver, None), []).append((bv + s.recv_iv[0], unsent))
             continue
         bu = base[sender] + 1
         send_iv, send_cum = s.send_iv, s.send_cum
         nsend = len(send_cum)
+        found = pairs.setdefault((s.receiver, sender), [])
         lo = 0
+        last = -1
         for j, e in zip(s.recv_iv, s.recv_cum):
             lo = bisect_left(send_cum, e, lo)
             src = bu + send_iv[lo] if lo < nsend else unsent
-            key = (bv + j, sender)
-            old = get(key)
-            if old is None or src > old:     # unsent is the largest node id
-                deps[key] = src
-    edges.extend((src, dst) for (dst, _sender), src in deps.items())
+            if src > last:          # same source as an earlier interval: implied, skip
+                found.append((bv + j, src))
+                last = src
+    for found in pairs.values():
+        if len(found) > 1:
+            found.sort(key=lambda e: (e[0], -e[1]))
+        last = -1
+        for dst, src in found:
+            if src > last:          # unsent is the largest node id
+                edges.append((src, dst))
+                last = src
     g = nx.DiGraph()
     g.add_nodes_from(range(n + 1))
     g.add_edges_from(edges)
@@ -226,6 +233,9 @@ def compute(model: Model, failed: Iterable[str] | None = None, *, extras: bool =
     With ``extras`` also the useless and the obsolete checkpoints.
     """
     chosen = model.failed_or_all(failed)
+    unknown = sorted(chosen - set(model.units))
+    if unknown:
+        raise ValueError(f"unknown unit {unknown[0]!r} among the failed units")
     rg = graph or build_graph(model)
     positions = graph_positions(rg, chosen)
     domino = any(n > 0 and positions[u] == 0 for u, n in model.units.items())
@@ -233,6 +243,7 @@ def compute(model: Model, failed: Iterable[str] | None = None, *, extras: bool =
                         replay_ranges(model, positions), domino)
     if extras:
         result.useless = useless_checkpoints(rg, model.floors)
-        everyone = positions if len(chosen) == len(model.units) else graph_positions(rg, model.units)
+        everyone = (positions if len(chosen) == len(model.units)
+                    else graph_positions(rg, model.units))
         result.obsolete = obsolete_checkpoints(model, everyone)
     return result

@@ -1,0 +1,239 @@
+"""Coordinated checkpoint and restart through the CLI, daemons in separate processes over RabbitMQ."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import EXAMPLES, REPO, Cluster, unit_of, write_job
+
+pytestmark = [pytest.mark.amqp, pytest.mark.criu]
+
+PROGRESS = EXAMPLES / "progress.py"
+COUNTER_APP = EXAMPLES / "counter_app.py"
+
+
+def _running(st: dict) -> bool:
+    return st["state"] == "running" and all(u["state"] == "running" for u in st["units"])
+
+
+def _step(cluster: Cluster, job: str, unit: str) -> int:
+    """The last step a progress.py / counter_app.py unit printed."""
+    text = (cluster.store / "jobs" / job / "units" / unit / "stdout").read_text(errors="replace")
+    nums = re.findall(r"(?:step=|count )(\d+)", text)
+    return int(nums[-1]) if nums else 0
+
+
+def _wait_step(cluster: Cluster, job: str, unit: str, above: int, timeout: float = 10) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        n = _step(cluster, job, unit)
+        if n > above:
+            return n
+        time.sleep(0.05)
+    raise AssertionError(f"unit {unit} made no progress past {above}")
+
+
+def _three_units(tmp_path: Path, extra: str = "", a_extra: str = "") -> Path:
+    return write_job(tmp_path / "trio.toml", f'''
+name = "trio"
+stage_timeout = "5s"
+{extra}
+[[units]]
+name = "a"
+command = ["python3", "{PROGRESS}", "--every", "0.05"]
+checkpointer = "criu"
+node = "n1"
+{a_extra}
+[[units]]
+name = "b"
+command = ["python3", "{PROGRESS}", "--every", "0.05", "--child"]
+checkpointer = "criu"
+node = "n2"
+[[units]]
+name = "c"
+command = ["python3", "{COUNTER_APP}", "--to", "0", "--interval", "0.05"]
+checkpointer = "app"
+node = "n2"
+''')
+
+
+def _start(cluster: Cluster, nodes: tuple[str, ...] = ("n1", "n2")) -> None:
+    cluster.orchestrator()
+    for n in nodes:
+        cluster.agent(n)
+    cluster.wait_agents(len(nodes))
+
+
+def _partial_dirs(cluster: Cluster, job: str) -> list[Path]:
+    units = cluster.store / "jobs" / job / "units"
+    return [d for d in units.glob("*/[0-9]*") if d.is_dir() and not (d / "manifest.json").exists()]
+
+
+def test_checkpoint_kill_restart_same_and_other_node(cluster: Cluster, tmp_path: Path) -> None:
+    _start(cluster)
+    job = cluster.submit(_three_units(tmp_path))
+    cluster.wait_status(job, _running)
+    for u in "abc":
+        _wait_step(cluster, job, u, 3)
+    ck = cluster.cli_json("checkpoint", job)
+    assert {u["name"] for u in ck["units"]} == {"a", "b", "c"}
+    for u in ck["units"]:
+        assert set(u["stages_ms"]) == {"prepare", "stop", "checkpoint", "resume_cp"} and u["bytes"] > 0
+    at_ckpt = {u: _step(cluster, job, u) for u in "abc"}
+    table = cluster.cli("checkpoints", job)
+    assert ck["checkpoint"] in table.stdout
+    for u in "abc":
+        _wait_step(cluster, job, u, at_ckpt[u] + 5)
+    st = cluster.cli_json("status", job)
+    os.kill(unit_of(st, "b")["pid"], signal.SIGKILL)  # b runs on n2
+    cluster.wait_status(job, lambda s: unit_of(s, "b")["state"] == "failed", timeout=5)
+    # restart, moving b to n1 (the store is shared) and keeping the others where they were
+    rs = cluster.cli_json("restart", job, "--place", "b=n1")
+    assert rs["from"] == ck["checkpoint"]
+    assert {u["name"]: u["node"] for u in rs["units"]} == {"a": "n1", "b": "n1", "c": "n2"}
+    st = cluster.wait_status(job, _running)
+    assert unit_of(st, "b")["node"] == "n1"
+    for u in "abc":  # every unit continued from its checkpointed state, not from scratch
+        out = (cluster.store / "jobs" / job / "units" / u / "stdout").read_text()
+        n = _wait_step(cluster, job, u, at_ckpt[u])
+        assert n > at_ckpt[u] > 3
+    out_a = (cluster.store / "jobs" / job / "units" / "a" / "stdout").read_text().splitlines()
+    steps = [int(m) for m in re.findall(r"step=(\d+)", "\n".join(out_a))]
+    assert steps == list(range(1, len(steps) + 1)), "a's output file rolled back to the checkpoint and went on"
+    # and again, everything on the same nodes, from the same checkpoint
+    st = cluster.cli_json("status", job)
+    os.kill(unit_of(st, "a")["pid"], signal.SIGKILL)
+    cluster.wait_status(job, lambda s: unit_of(s, "a")["state"] == "failed", timeout=5)
+    r = cluster.cli("restart", job, "--checkpoint", ck["checkpoint"])
+    assert r.returncode == 0, r.stderr
+    assert "rebuild" in r.stdout and "resume_rst" in r.stdout
+    cluster.wait_status(job, _running)
+    _wait_step(cluster, job, "a", at_ckpt["a"])
+
+
+def test_failing_pre_checkpoint_callback_aborts_cleanly(cluster: Cluster, tmp_path: Path) -> None:
+    _start(cluster)
+    job = cluster.submit(_three_units(tmp_path, a_extra='callbacks = { pre_checkpoint = ["sh", "-c", "exit 7"] }'))
+    cluster.wait_status(job, _running)
+    r = cluster.cli("checkpoint", job)
+    assert r.returncode == 1 and "aborted" in r.stderr and "pre_checkpoint" in r.stderr, r.stderr
+    assert cluster.cli_json("checkpoints", job) == []
+    assert not _partial_dirs(cluster, job)
+    st = cluster.wait_status(job, _running)
+    for u in "abc":  # every unit was resumed and makes progress
+        _wait_step(cluster, job, u, _step(cluster, job, u))
+    assert st["state"] == "running"
+
+
+def test_unit_dying_mid_checkpoint_aborts(cluster: Cluster, tmp_path: Path) -> None:
+    _start(cluster)
+    job = cluster.submit(_three_units(tmp_path, a_extra='callbacks = { pre_checkpoint = ["sleep", "1.5"] }'))
+    st = cluster.wait_status(job, _running)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "checkpoint", job], env=cluster.env(),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.6)
+    os.kill(unit_of(st, "a")["pid"], signal.SIGKILL)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "aborted" in err, (out, err)
+    assert cluster.cli_json("checkpoints", job) == []
+    assert not _partial_dirs(cluster, job)
+    for u in "bc":
+        _wait_step(cluster, job, u, _step(cluster, job, u))
+
+
+def test_agent_lost_mid_checkpoint_aborts_and_others_resume(cluster: Cluster, tmp_path: Path) -> None:
+    _start(cluster, ("n1", "n2", "n3"))
+    jf = write_job(tmp_path / "lost.toml", f'''
+name = "lost"
+stage_timeout = "10s"
+[[units]]
+name = "a"
+command = ["python3", "{PROGRESS}", "--every", "0.05"]
+node = "n1"
+[[units]]
+name = "z"
+command = ["python3", "{PROGRESS}", "--every", "0.05"]
+node = "n3"
+callbacks = {{ pre_checkpoint = ["sleep", "2"] }}
+''')
+    job = cluster.submit(jf)
+    cluster.wait_status(job, _running)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "checkpoint", job], env=cluster.env(),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.7)
+    t0 = time.monotonic()
+    cluster.stop("agent-n3", signal.SIGKILL)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "aborted" in err, (out, err)
+    assert time.monotonic() - t0 < 5, "a lost agent must abort the checkpoint well before the stage timeout"
+    assert cluster.cli_json("checkpoints", job) == []
+    assert not _partial_dirs(cluster, job)
+    _wait_step(cluster, job, "a", _step(cluster, job, "a"))  # a was thawed
+
+
+def test_orchestrator_killed_mid_checkpoint_and_restarted(cluster: Cluster, tmp_path: Path) -> None:
+    _start(cluster)
+    job = cluster.submit(_three_units(tmp_path, a_extra='callbacks = { pre_checkpoint = ["sleep", "1.5"] }'))
+    cluster.wait_status(job, _running)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "checkpoint", job, "--timeout", "20"],
+                            env=cluster.env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.7)
+    cluster.stop("orchestrator", signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    cluster.orchestrator()  # finds the truth in the store and in the agents' heartbeats
+    st = cluster.wait_status(job, _running, timeout=20)
+    assert cluster.cli_json("checkpoints", job) == []
+    assert not list((cluster.store / "jobs" / job / "checkpoints").glob("*.pending.json"))
+    assert not _partial_dirs(cluster, job)
+    ck = cluster.cli_json("checkpoint", job, timeout=60)  # and the job can be checkpointed again
+    assert [c["id"] for c in cluster.cli_json("checkpoints", job)] == [ck["checkpoint"]]
+    assert st["state"] == "running"
+
+
+def test_tampered_image_is_refused_before_the_job_is_touched(cluster: Cluster, tmp_path: Path) -> None:
+    _start(cluster, ("n1", "n2"))
+    job = cluster.submit(_three_units(tmp_path))
+    cluster.wait_status(job, _running)
+    ck = cluster.cli_json("checkpoint", job)
+    seq = next(u["seq"] for u in ck["units"] if u["name"] == "a")
+    images = cluster.store / "jobs" / job / "units" / "a" / str(seq)
+    victim = max((p for p in images.iterdir() if p.name != "manifest.json" and p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    r = cluster.cli("restart", job)
+    assert r.returncode == 1 and victim.name in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    cluster.wait_status(job, _running)  # the running job was left alone
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated
+    r = cluster.cli("restart", job)
+    assert r.returncode == 1 and victim.name in r.stderr, r.stderr
+
+
+def test_periodic_checkpoints_and_auto_restart(cluster: Cluster, tmp_path: Path) -> None:
+    _start(cluster, ("n1", "n2"))
+    job = cluster.submit(_three_units(tmp_path, extra='checkpoint_every = "1s"\nrestart = "auto"\nmax_restarts = 2'))
+    cluster.wait_status(job, _running)
+    deadline = time.monotonic() + 15
+    while len(cluster.cli_json("checkpoints", job)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ckpts = cluster.cli_json("checkpoints", job)
+    assert len(ckpts) >= 2
+    before = _step(cluster, job, "b")
+    st = cluster.cli_json("status", job)
+    os.kill(unit_of(st, "b")["pid"], signal.SIGKILL)
+    st = cluster.wait_status(job, lambda s: s["restarts"] == 1 and _running(s), timeout=20)
+    assert unit_of(st, "b")["state"] == "running"
+    n = _wait_step(cluster, job, "b", 0)
+    assert n > 3 and n <= before + 40  # resumed from a checkpoint, not from step 1
