@@ -6,7 +6,8 @@
 through CriuCheckpointer (its checkpoint stage; rebuild + resume_rst), median of ``--runs``.
 Both dump the same program (examples/counter.c) started as the backend starts units (its own
 PID namespace) and frozen in a cgroup v1 freezer first, as the agent's stop stage does; both
-restore with ``--restore-sibling`` so the restored tree outlives criu.  Times are wall clock
+restore with ``--restore-sibling`` so the restored tree outlives criu, and both leave cgroups
+to the caller (``--manage-cgroups=ignore``: a restored tree must not land in a frozen cgroup).  Times are wall clock
 around the whole call, criu's fork/exec included.
 
 Importable: ``raw_cli(runs, megabytes)`` and ``backend(runs, megabytes)`` return per-stage
@@ -139,6 +140,7 @@ def raw_cli(runs: int = 10, megabytes: int = 5) -> dict[str, list[float]]:
                 t = time.perf_counter()
                 subprocess.run([criu, "dump", "-t", str(unit.init_pid()), "-D", str(images),
                                 "--leave-running", "--freeze-cgroup", unit.freezer_path,
+                                "--manage-cgroups=ignore",
                                 "-W", str(work), "-o", "dump.log"], check=True)
                 out["dump"].append(_ms(t))
                 unit.thaw()
@@ -146,12 +148,14 @@ def raw_cli(runs: int = 10, megabytes: int = 5) -> dict[str, list[float]]:
                 time.sleep(0.03)
         finally:
             unit.kill_launched()
-        for images, sizes in dumps:
+        images, sizes = dumps[-1]           # restore the newest image, `runs` times
+        for _ in range(runs):
             for path, size in sizes.items():
                 os.truncate(path, size)
             pidfile = work / "restored.pid"
             t = time.perf_counter()
             subprocess.run([criu, "restore", "-D", str(images), "--restore-detached",
+                            "--manage-cgroups=ignore",
                             "--restore-sibling", "--pidfile", str(pidfile), "-W", str(work),
                             "-o", "restore.log"],
                            check=True)
@@ -187,7 +191,8 @@ async def backend(runs: int = 10, megabytes: int = 5) -> dict[str, list[float]]:
                 await asyncio.sleep(0.03)
         finally:
             unit.kill_launched()
-        for images in images_list:
+        for _ in range(runs):               # the newest image, `runs` times
+            images = images_list[-1]
             t = time.perf_counter()
             await ckpt.rebuild(unit, images)
             t1 = time.perf_counter()

@@ -19,8 +19,8 @@ of the program's own loop, which needs no lock.  Either way ``safe_point()`` blo
 moment the state is saved until the agent says RESUME or ABORT (quiescence, see the protocol
 in ``nodeagent.checkpointers.app`` and ``examples/APP_PROTOCOL.md``).
 
-An asyncio program calls ``await loop.run_in_executor(None, client.safe_point)`` or simply
-keeps handlers in the background thread.
+An asyncio program calls ``await client.asafe_point()`` between steps, or keeps the handlers
+in the background thread.
 """
 
 from __future__ import annotations
@@ -160,6 +160,11 @@ class AppClient:
             self._running.wait(timeout)
             happened = True
         return happened
+
+    async def asafe_point(self) -> bool:
+        """``safe_point`` for asyncio programs (runs it in the default executor)."""
+        import asyncio
+        return await asyncio.get_running_loop().run_in_executor(None, self.safe_point)
 
     @property
     def quiesced(self) -> bool:

@@ -207,6 +207,22 @@ class NodeAgent:
         self.units[(job, name)] = unit
         return unit
 
+    async def _fresh(self, unit: Unit, stage: str) -> dict[str, Any]:
+        """Restart stages for a unit whose recovery line is its initial state: launch it anew."""
+        t0 = time.perf_counter()
+        if stage == "rebuild":
+            if unit.root_pid is not None and unit.pids():
+                await unit.kill()
+            self.shipper.rolled_back(unit.job, unit.name)
+            self._set_interval(unit, 0)
+            plan = self.runner.backend(unit.spec.get("checkpointer", "criu")).plan_launch(unit, list(unit.spec["command"]))
+            await unit.launch(plan, stopped=True)
+            await unit.set_state("stopped")
+        else:
+            await unit.thaw()
+            await unit.set_state("running")
+        return {"ms": (time.perf_counter() - t0) * 1000, "data": {"pid": unit.root_pid or 0, "fresh": True}}
+
     def _arm_watchdog(self, unit: Unit, ckpt: str, args: dict[str, Any]) -> None:
         """A unit mid-checkpoint whose orchestrator falls silent is resumed: the checkpoint is abandoned."""
         delay = 2 * float(args.get("timeout") or 30.0)
@@ -268,8 +284,12 @@ class NodeAgent:
                     res: dict[str, Any] = {"ms": 0.0, "data": {"note": "unit not here"}}
                 else:
                     raise CheckpointError(f"unit {name} of job {job} is not on node {self.node}")
+            elif args.get("fresh") and stage in protocol.RESTART_STAGES:
+                res = await self._fresh(unit, stage)
             else:
                 res = await self.runner.run(unit, stage, ckpt, int(args.get("seq", 0)), args)
+                if stage == "checkpoint" and "LD_PRELOAD" in unit.env:
+                    res = dict(res, data={**res.get("data", {}), "shipped": await self.shipper.flush_unit(job, name)})
                 if stage == "prepare":
                     self._arm_watchdog(unit, ckpt, args)
                 if stage in ("resume_cp", protocol.ABORT_STAGE):
@@ -277,10 +297,10 @@ class NodeAgent:
                     if dog is not None and dog is not asyncio.current_task():
                         dog.cancel()
                 if stage == "resume_cp":
-                    self._set_interval(unit, int(args["seq"]))
+                    self._set_interval(unit, int(args.get("interval", args.get("seq", 0))))
                 elif stage == "rebuild":
                     self.shipper.rolled_back(job, name)
-                    self._set_interval(unit, int(args["seq"]))
+                    self._set_interval(unit, int(args.get("interval", args.get("seq", 0))))
             ok, error = True, ""
         except CheckpointError as exc:
             res, ok, error = {"ms": (time.perf_counter() - t0) * 1000, "data": {}}, False, str(exc)

@@ -19,7 +19,6 @@ import errno
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Callable
 
 import psutil
@@ -128,6 +127,20 @@ def tree_pids(root: int | None) -> list[int]:
     except psutil.Error:
         return []
     return [p.pid for p in procs if _alive(p)]
+
+
+def session_pids(sid: int | None) -> list[int]:
+    """Every pid in session ``sid`` (finds orphans of a tree without a cgroup)."""
+    if not sid:
+        return []
+    out = []
+    for pid in psutil.pids():
+        try:
+            if os.getsid(pid) == sid:
+                out.append(pid)
+        except OSError:
+            continue
+    return out
 
 
 def _alive(p: psutil.Process) -> bool:

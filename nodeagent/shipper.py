@@ -40,6 +40,7 @@ class _Tail:
     directory: Path
     offsets: dict[str, int] = field(default_factory=dict)
     epoch: int = 0
+    sent: dict[str, int] = field(default_factory=dict)  # source -> next record index, this epoch
 
     def load(self) -> None:
         path = self.directory / STATE_FILE
@@ -70,6 +71,7 @@ class Shipper:
         self._tails: dict[tuple[str, str], _Tail] = {}
         self._task: asyncio.Task | None = None
         self._kick = asyncio.Event()
+        self._lock = asyncio.Lock()
         self.shipped = 0
 
     def watch(self, job: str, unit: str, directory: Path) -> None:
@@ -85,6 +87,7 @@ class Shipper:
         tail = self._tails.get((job, unit))
         if tail is not None:
             tail.epoch += 1
+            tail.sent.clear()
             for name in list(tail.offsets):
                 path = tail.directory / name
                 size = path.stat().st_size if path.exists() else 0
@@ -118,11 +121,21 @@ class Shipper:
                 pass
             self._kick.clear()
 
+    async def flush_unit(self, job: str, unit: str) -> dict[str, int]:
+        """Ship the unit's pending records now; return {source: records shipped so far}."""
+        tail = self._tails.get((job, unit))
+        if tail is None:
+            return {}
+        async with self._lock:
+            await self._ship_tail(tail)
+        return dict(tail.sent)
+
     async def flush(self) -> int:
         """Ship every complete record not yet confirmed; return how many were shipped."""
         total = 0
-        for tail in list(self._tails.values()):
-            total += await self._ship_tail(tail)
+        async with self._lock:
+            for tail in list(self._tails.values()):
+                total += await self._ship_tail(tail)
         return total
 
     async def _ship_tail(self, tail: _Tail) -> int:
@@ -144,6 +157,7 @@ class Shipper:
                                         first=base + i, count=len(chunk),
                                         source=f"{name}@{tail.epoch}")
                     await self.bus.publish(protocol.determinants_key(self.site, self.node), msg, timeout=10.0)
+                    tail.sent[msg["source"]] = msg["first"] + msg["count"]
                     shipped += len(chunk)
                 tail.offsets[name] = new_offset
                 await asyncio.to_thread(tail.save)

@@ -221,8 +221,8 @@ class UnitStageRunner:
         unit.freezer.create()
         try:
             await backend.rebuild(unit, images)
-        except BaseException:
-            await unit.set_state("failed")
+        except BaseException as e:
+            unit.mark_failed(f"rebuild failed: {e}")
             raise
         if unit.root_pid is None:
             raise CheckpointError(f"rebuild of {unit.name}: the backend restored no process")

@@ -25,6 +25,7 @@ import ctypes
 import logging
 import os
 import pwd
+import shutil
 import signal as _signal
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any, Awaitable, Callable
 import psutil
 
 from nodeagent.checkpointers.base import CheckpointError, LaunchPlan
-from nodeagent.freezer import Freezer, alive_pids, launch_wrapper, tree_pids
+from nodeagent.freezer import Freezer, alive_pids, launch_wrapper, session_pids, tree_pids
 
 log = logging.getLogger("gridckpt.units")
 
@@ -90,6 +91,8 @@ class Unit:
         self._watched_pid: int | None = None
         self._ended = asyncio.Event()
         self._killing = False
+        self._root_gone = False
+        self._sid: int | None = None
 
     # -- UnitProcess -------------------------------------------------------------------
     @property
@@ -100,12 +103,15 @@ class Unit:
         # The cgroup holds every process of the unit, double-forked ones included, and
         # reading it is cheap; psutil's walk of the root's descendants (a scan of all /proc)
         # serves where there is no cgroup, or the cgroup is (still/already) empty.
+        root = None if self._root_gone else self.root_pid   # a reaped pid may be reused
         pids = set(self.freezer.cgroup_pids())
         if pids:
-            if self.root_pid is not None:
-                pids.add(self.root_pid)
+            if root is not None:
+                pids.add(root)
         else:
-            pids.update(tree_pids(self.root_pid))
+            pids.update(tree_pids(root))
+            if self.freezer.path is None:   # no cgroup: orphans still carry the session id
+                pids.update(session_pids(self._sid))
         pids.discard(os.getpid())
         return sorted(pids)
 
@@ -127,6 +133,11 @@ class Unit:
         env.update({str(k): str(v) for k, v in plan.env.items()})
         env.update(extra_env or {})
         self.env = env
+        for prog in {plan.argv[0], *(self.spec.get("command") or [])[:1]}:
+            if _resolve(prog, env.get("PATH", DEFAULT_PATH), self.cwd) is None:
+                msg = f"unit {self.name}: cannot start {prog!r}: no such executable"
+                self.mark_failed(msg)
+                raise CheckpointError(msg)
         use_cgroup = self.freezer.path is not None
         if stopped and use_cgroup:
             await self.freezer.freeze()
@@ -141,23 +152,29 @@ class Unit:
         except OSError as e:
             if stopped and use_cgroup:
                 await self.freezer.thaw()
-            raise CheckpointError(f"unit {self.name}: cannot start {plan.argv[0]!r}: "
-                                  f"{e.strerror or e}") from None
+            msg = f"unit {self.name}: cannot start {plan.argv[0]!r}: {e.strerror or e}"
+            self.mark_failed(msg)
+            raise CheckpointError(msg) from None
         finally:
             os.close(out)
             os.close(err)
         self._reset_exit()
         self._proc = proc
         self.root_pid = proc.pid
+        self._sid = proc.pid            # start_new_session: the root leads its session
         self._started_mono = time.monotonic()
         self.started = time.time()
+        self._watch_task(self._watch_child(proc))
         if stopped:
-            await self._wait_stopped(proc.pid)
+            try:
+                await self._wait_stopped(proc.pid)
+            except CheckpointError:
+                await self.kill()
+                raise
             if not use_cgroup:
                 self.freezer.frozen = True
         elif use_cgroup:
             await self._wait_in_cgroup(proc)
-        self._watch_task(self._watch_child(proc))
         await self._set_state("stopped" if stopped else "running")
         return proc.pid
 
@@ -201,12 +218,18 @@ class Unit:
         self._reset_exit()
         self.root_pid = pid
         self._proc = None
+        try:
+            sid = os.getsid(pid)
+            self._sid = sid if sid != os.getsid(0) else None
+        except OSError:
+            self._sid = None
         self._started_mono = time.monotonic()
         self.started = time.time()
         self.freezer.attach(tree_pids(pid))
         self._watch_task(self._watch_adopted(pid, exit_waiter))
 
     def _reset_exit(self) -> None:
+        self._root_gone = False
         self.exit_code = self.signal = None
         self.cancelled = False
         self.detail = None
@@ -265,6 +288,7 @@ class Unit:
                 os.close(fd)
 
     async def _ended_with(self, code: int | None, sig: int | None, detail: str | None = None) -> None:
+        self._root_gone = True
         # leftovers in the cgroup (orphans of the root) die with the unit
         await self._kill_tree(reap=True)
         self.exit_code, self.signal = code, sig
@@ -279,6 +303,15 @@ class Unit:
         await self.freezer.remove_async()
         self._ended.set()
         await self._notify()
+
+    def mark_failed(self, detail: str) -> None:
+        """No tree could be started or restored: the unit is over (failed), without event
+        (the caller reports the error)."""
+        if self.root_pid is not None and not self._root_gone and self.pids():
+            return      # something still runs: its watcher will tell
+        self.state = "failed"
+        self.detail = detail
+        self._ended.set()
 
     async def wait(self, timeout: float | None = None) -> str:
         """Wait until the unit has ended; return its final state."""
@@ -413,6 +446,14 @@ class Unit:
         if self._watch and not self._watch.done():
             self._watch.cancel()
         await self.freezer.remove_async()
+
+
+def _resolve(prog: str, path: str, cwd: str) -> str | None:
+    """Where ``prog`` would be executed from, or None if it cannot be."""
+    if "/" in prog:
+        full = prog if os.path.isabs(prog) else os.path.join(cwd, prog)
+        return full if os.path.isfile(full) and os.access(full, os.X_OK) else None
+    return shutil.which(prog, path=path)
 
 
 def _reap_pidfd(fd: int) -> tuple[int | None, int | None, str | None]:

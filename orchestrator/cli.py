@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = verb("checkpoint", "coordinated checkpoint now; prints the stage table")
     s.add_argument("job")
+    s.add_argument("--unit", default=None, help="checkpoint this unit alone (independent checkpointing)")
 
     s = verb("checkpoints", "committed checkpoints of a job")
     s.add_argument("job")
@@ -135,7 +136,7 @@ async def _client(args: argparse.Namespace) -> int:
         res = await c("status", job=args.job)
         _print(res, args.json, tables.status_table(res) if args.job else _status_all(res, tables))
     elif verb == "checkpoint":
-        res = await c("checkpoint", job=args.job)
+        res = await (c("unit_checkpoint", job=args.job, unit=args.unit) if args.unit else c("checkpoint", job=args.job))
         _print(res, args.json, tables.stage_table(res))
     elif verb == "checkpoints":
         res = await c("checkpoints", job=args.job)
@@ -152,16 +153,31 @@ async def _client(args: argparse.Namespace) -> int:
     elif verb == "recovery-line":
         res = await c("recovery_line", job=args.job)
         from .recovery.cli import format_line
-        print(format_line(res, args.json))
+        from .recovery.line import CURRENT, LineResult
+        newest = res["newest"]
+        result = LineResult({u: newest[u] + 1 if v == CURRENT else v for u, v in res["line"].items()}, newest,
+                            res["failed"], res["replay"], res["domino"], res.get("useless"), res.get("obsolete"))
+        print(format_line(result, args.json))
     elif verb == "determinants":
         res = await c("export_determinants", job=args.job, path=str(args.export.resolve()))
         _print(res, args.json, f"wrote {res.get('records', 0)} records to {args.export}")
     elif verb == "gc":
         res = await c("gc", job=args.job, dry_run=args.dry_run)
-        _print(res, args.json, json.dumps(res, indent=2, default=str))
+        _print(res, args.json, _gc_text(res))
     else:  # pragma: no cover - argparse restricts verbs
         raise UsageError(f"gridckpt: unknown verb {verb}")
     return 0
+
+
+def _gc_text(res: dict[str, Any]) -> str:
+    verb = "would delete" if res["dry_run"] else "deleted"
+    lines = [f"{res['job']}: {verb} {len(res['deleted_checkpoints'])} coordinated checkpoint(s)"]
+    for unit, seqs in sorted(res["deleted_images"].items()):
+        lines.append(f"  unit {unit}: images of checkpoint(s) {', '.join(map(str, seqs))}")
+    if not res["dry_run"]:
+        lines.append(f"  {res['bytes_freed']} bytes freed")
+    lines += [f"  {n}" for n in res.get("notes", [])]
+    return "\n".join(lines)
 
 
 def _status_all(res: dict[str, Any], tables: Any) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("gridckpt.coordinator")
 
 
+def _tree_size(path: Any) -> int:
+    """Bytes of the files under ``path`` (0 if it is gone)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
 class StageFailed(Exception):
     """A unit failed or missed a stage."""
 
@@ -42,6 +55,7 @@ class Coordinator:
     def __init__(self, orch: "Orchestrator") -> None:
         self.orch = orch
         self._waiting: dict[tuple[str, str, str], asyncio.Future] = {}
+        self._unit_busy: set[tuple[str, str]] = set()
 
     # ----------------------------------------------------------------- stage plumbing
     def on_stage_result(self, msg: dict[str, Any]) -> None:
@@ -116,11 +130,13 @@ class Coordinator:
             await asyncio.to_thread(store.begin_checkpoint, job.id, ckpt_id, seqs)
             for u in units:
                 per_unit[u.name]["seq"] = seqs[u.name]
-            args = {u.name: {"seq": seqs[u.name], "timeout": self._timeout(job)} for u in units}
+            args = {u.name: {"seq": seqs[u.name], "timeout": self._timeout(job),
+                             "interval": job.interval_of(u.name) + 1} for u in units}
             try:
+                res_ck: dict[str, dict[str, Any]] = {}
                 for stage in ("prepare", "stop", "checkpoint"):
                     t0 = time.perf_counter()
-                    res = await self._stage_all(job, ckpt_id, stage, units, args, self._timeout(job))
+                    res = res_ck = await self._stage_all(job, ckpt_id, stage, units, args, self._timeout(job))
                     stages_ms[stage] = _ms(t0)
                     for name, r in res.items():
                         per_unit[name]["stages_ms"][stage] = r["ms"]
@@ -144,6 +160,10 @@ class Coordinator:
                     event(log, "abort incomplete", logging.WARNING, job=job.id, checkpoint=ckpt_id, reason=str(exc2))
                 await asyncio.to_thread(store.abort_checkpoint, job.id, ckpt_id)
                 raise ControlError(f"checkpoint of {job.id} aborted: {exc}") from None
+            for u in units:
+                job.lineage.setdefault(u.name, []).append(seqs[u.name])
+            await self.orch.save_job(job)
+            await self._register_checkpoints(job, {u.name: res_ck[u.name] for u in units})
             event(log, "checkpoint committed", job=job.id, checkpoint=ckpt_id)
             t0 = time.perf_counter()
             try:
@@ -159,6 +179,117 @@ class Coordinator:
             pu["total_ms"] = round(sum(pu["stages_ms"].values()), 2)
         return {"job": job.id, "checkpoint": ckpt_id, "total_ms": _ms(t_all), "stages_ms": stages_ms,
                 "units": list(per_unit.values())}
+
+    async def _register_checkpoints(self, job: JobState, results: dict[str, dict[str, Any]]) -> None:
+        """Tell the determinant log that these units committed their next checkpoint.
+
+        The agent flushed the unit's records before answering the checkpoint stage; its answer
+        says how far (``shipped``), and the log must hold them before the checkpoint is added.
+        """
+        interposed = set(job.interposed())
+        sink = self.orch.determinants
+        for name, res in results.items():
+            if name not in interposed:
+                continue
+            shipped = (res.get("data") or {}).get("shipped") or {}
+            if not await sink.wait_for(job.id, name, shipped, timeout=self._timeout(job)):
+                event(log, "determinants not all in before the checkpoint was registered", logging.WARNING,
+                      job=job.id, unit=name)
+            await asyncio.to_thread(sink.add_checkpoint, job.id, name, job.interval_of(name))
+
+    # ----------------------------------------------------------------- independent
+    async def unit_checkpoint(self, job: JobState, name: str) -> dict[str, Any]:
+        """Checkpoint one unit alone (independent checkpointing): no barrier with the others."""
+        if job.busy:
+            raise ControlError(f"job {job.id} is busy ({job.busy} in progress)")
+        unit = job.units[name]
+        if unit.state != "running":
+            raise ControlError(f"job {job.id}: unit {name} is {unit.state}, not running")
+        key = (job.id, name)
+        if key in self._unit_busy:
+            raise ControlError(f"job {job.id}: unit {name} is already checkpointing")
+        self._unit_busy.add(key)
+        store = self.orch.store
+        op_id = f"u-{name}-" + uuid.uuid4().hex[:10]
+        t_all = time.perf_counter()
+        stages: dict[str, float] = {}
+        try:
+            seq = await asyncio.to_thread(store.next_seq, job.id, name)
+            args = {name: {"seq": seq, "timeout": self._timeout(job), "interval": job.interval_of(name) + 1}}
+            try:
+                res: dict[str, dict[str, Any]] = {}
+                for stage in ("prepare", "stop", "checkpoint"):
+                    res = await self._stage_all(job, op_id, stage, [unit], args, self._timeout(job))
+                    stages[stage] = res[name]["ms"]
+                manifest = store.images_dir(job.id, name, seq) / "manifest.json"
+                if not await asyncio.to_thread(manifest.exists):
+                    raise StageFailed(f"no manifest in the store for unit {name}")
+            except StageFailed as exc:
+                try:
+                    await self._stage_all(job, op_id, protocol.ABORT_STAGE, [unit], args, self._timeout(job))
+                except StageFailed:
+                    pass
+                await asyncio.to_thread(store.delete_images, job.id, name, seq)
+                raise ControlError(f"checkpoint of unit {name} of {job.id} aborted: {exc}") from None
+            nbytes = (res[name].get("data") or {}).get("bytes", 0)
+            job.lineage.setdefault(name, []).append(seq)
+            await self.orch.save_job(job)
+            await self._register_checkpoints(job, res)
+            try:
+                r = await self._stage_all(job, op_id, "resume_cp", [unit], args, self._timeout(job))
+                stages["resume_cp"] = r[name]["ms"]
+            except StageFailed as exc:
+                event(log, "resume_cp failed", logging.WARNING, job=job.id, unit=name, reason=str(exc))
+        finally:
+            self._unit_busy.discard(key)
+        return {"job": job.id, "checkpoint": f"{name}:{seq}", "total_ms": _ms(t_all), "stages_ms": dict(stages),
+                "units": [{"name": name, "node": unit.node, "seq": seq, "interval": job.interval_of(name),
+                           "bytes": nbytes, "stages_ms": stages, "total_ms": round(sum(stages.values()), 2)}]}
+
+    async def gc(self, job: JobState, dry_run: bool) -> dict[str, Any]:
+        """Delete the checkpoints no recovery line can use any more, and the records only they needed."""
+        store = self.orch.store
+        doomed: dict[str, list[int]] = {}   # unit -> store seqs
+        records: list[str] = []
+        if job.interposed():
+            result = await self.orch.recovery_line(job) if dry_run else None
+            if dry_run:
+                floors = {u: (max(ks) + 1 if ks else 0) for u, ks in (result or {}).get("obsolete", {}).items()}
+            else:
+                stats = await asyncio.to_thread(self.orch.determinants.log_of(job.id).gc)
+                floors = stats["floors"]
+                records.append(f"{stats['records_before'] - stats['records_after']} determinant records merged away")
+            for unit, floor in floors.items():
+                hist = job.lineage.get(unit, [])
+                doomed[unit] = [hist[k - 1] for k in range(1, min(floor, len(hist) + 1)) if k - 1 < len(hist)]
+        coordinated = await asyncio.to_thread(store.list_checkpoints, job.id)
+        keep_records = coordinated[-1:] if not job.interposed() else [
+            c for c in coordinated if any(c["units"][u] not in doomed.get(u, []) for u in c["units"])]
+        drop_records = [c for c in coordinated if c not in keep_records]
+        if not job.interposed():
+            kept = {u: s for c in keep_records for u, s in c["units"].items()}
+            for c in drop_records:
+                for u, s in c["units"].items():
+                    if kept.get(u) != s:
+                        doomed.setdefault(u, []).append(s)
+        in_history = {u: set(h) for u, h in job.lineage.items()}
+        for u in job.units:  # images left by an abandoned history (checkpoints after a restart point)
+            for s in await asyncio.to_thread(store.unit_checkpoints, job.id, u):
+                used = any(c["units"].get(u) == s for c in keep_records)
+                if s not in in_history.get(u, set()) and not used and s not in doomed.get(u, []):
+                    doomed.setdefault(u, []).append(s)
+        freed = 0
+        if not dry_run:
+            for c in drop_records:
+                await asyncio.to_thread(store.delete_checkpoint, job.id, c["id"])
+            for u, seqs in doomed.items():
+                for s in seqs:
+                    d = store.images_dir(job.id, u, s)
+                    freed += await asyncio.to_thread(_tree_size, d)
+                    await asyncio.to_thread(store.delete_images, job.id, u, s)
+        return {"job": job.id, "dry_run": dry_run, "deleted_checkpoints": [c["id"] for c in drop_records],
+                "deleted_images": {u: sorted(v) for u, v in doomed.items() if v}, "bytes_freed": freed,
+                "notes": records}
 
     # ----------------------------------------------------------------- restart
     async def kill_units(self, job: JobState, names: list[str], timeout: float = 10.0) -> None:
@@ -188,38 +319,73 @@ class Coordinator:
             ckpt = ckpts[-1]
         else:
             raise ControlError(f"job {job.id} has no committed checkpoint")
+        plan = {name: int(ckpt["units"][name]) for name in job.units}
+        return await self._restore(job, plan, place, ckpt["id"])
+
+    async def restart_line(self, job: JobState, place: dict[str, str]) -> dict[str, Any]:
+        """Restart from the recovery line: units whose line is `current` keep running."""
+        if job.busy:
+            raise ControlError(f"job {job.id} is busy ({job.busy} in progress)")
+        if not job.interposed():
+            raise ControlError(f"job {job.id} runs no unit under the shim: it has no determinant log "
+                               "(use a coordinated checkpoint, or protocol = \"independent\")", 2)
+        result = await self.orch.recovery_line(job)
+        plan: dict[str, int] = {}
+        for name, value in result["line"].items():
+            if value == "current":
+                continue
+            hist = job.lineage.get(name, [])
+            plan[name] = hist[value - 1] if value else 0
+        if not plan:
+            raise ControlError(f"job {job.id}: the recovery line keeps every unit at its current state; "
+                               "nothing to restart")
+        res = await self._restore(job, plan, place, "recovery-line")
+        res.update(line=result["line"], replay=result["replay"], domino=result["domino"])
+        return res
+
+    async def _restore(self, job: JobState, plan: dict[str, int], place: dict[str, str],
+                       label: str) -> dict[str, Any]:
+        """Kill the units of ``plan`` and bring each back from its store seq (0: start afresh)."""
         unknown = [n for n in place if n not in job.units]
         if unknown:
             raise ControlError(f"--place names unknown unit(s): {', '.join(unknown)}", 2)
+        not_planned = [n for n in place if n not in plan]
+        if not_planned:
+            raise ControlError(f"--place names unit(s) that keep running: {', '.join(not_planned)}", 2)
+        store = self.orch.store
         try:  # refuse a damaged checkpoint before touching the running job
             await asyncio.to_thread(lambda: [verify_manifest(store.images_dir(job.id, n, s))
-                                             for n, s in ckpt["units"].items()])
+                                             for n, s in plan.items() if s])
         except CorruptCheckpoint as exc:
-            raise ControlError(f"checkpoint {ckpt['id']} of {job.id} is damaged: {exc}") from None
+            raise ControlError(f"checkpoint {label} of {job.id} is damaged: {exc}") from None
         job.busy = "restart"
         job.state = "restarting"
         t_all = time.perf_counter()
         rst_id = "rst-" + uuid.uuid4().hex[:10]
+        names = list(plan)
         try:
-            await self.kill_units(job, list(job.units))
+            await self.kill_units(job, names)
             fixed = dict(place)
-            for u in job.units.values():
+            for name in names:
+                u = job.units[name]
                 agent = self.orch.agent_for(u.node)
-                if u.name not in fixed and agent is not None and not agent.lost:
-                    fixed[u.name] = u.node
+                if name not in fixed and agent is not None and not agent.lost:
+                    fixed[name] = u.node
             try:
-                placed = place_units([{"name": n} for n in job.units], self.orch.live_agents(), {}, fixed)
+                placed = place_units([{"name": n} for n in names], self.orch.live_agents(), self.orch.unit_load(),
+                                     fixed)
             except PlacementError as exc:
                 raise StageFailed(str(exc)) from None
-            for name, agent in placed.items():
-                u = job.units[name]
+            units = [job.units[n] for n in names]
+            for u in units:
+                agent = placed[u.name]
                 u.node, u.site, u.state = agent.node, agent.site, "restarting"
-            units = list(job.units.values())
             specs = {s["name"]: self.orch.unit_launch_spec(job, s) for s in job.spec["units"]}
-            args = {u.name: {"seq": ckpt["units"][u.name], "from": ckpt["id"], "spec": specs[u.name]} for u in units}
+            intervals = {n: job.rewind(n, plan[n]) for n in names}
+            args = {n: {"seq": plan[n], "from": label, "spec": specs[n], "interval": intervals[n],
+                        "fresh": plan[n] == 0, "timeout": self._timeout(job)} for n in names}
             stages_ms: dict[str, float] = {}
-            per_unit = {u.name: {"name": u.name, "node": u.node, "seq": ckpt["units"][u.name], "stages_ms": {}}
-                        for u in units}
+            per_unit = {u.name: {"name": u.name, "node": u.node, "seq": plan[u.name], "stages_ms": {}} for u in units}
             for stage in protocol.RESTART_STAGES:
                 t0 = time.perf_counter()
                 res = await self._stage_all(job, rst_id, stage, units, args, self._timeout(job))
@@ -229,27 +395,32 @@ class Coordinator:
                     pid = (r.get("data") or {}).get("pid")
                     if pid:
                         per_unit[name]["pid"] = job.units[name].pid = pid
+            interposed = set(job.interposed())
+            await asyncio.to_thread(lambda: [self.orch.determinants.rollback(job.id, n, intervals[n])
+                                             for n in names if n in interposed])
         except StageFailed as exc:
             job.busy = ""
-            await self.kill_units(job, list(job.units))
-            for u in job.units.values():
-                if u.state not in TERMINAL_UNIT_STATES:
-                    u.state = "failed"
+            await self.kill_units(job, names)
+            for n in names:
+                if job.units[n].state not in TERMINAL_UNIT_STATES:
+                    job.units[n].state = "failed"
             job.state = "failed"
             await self.orch.save_job(job)
             event(log, "restart failed", logging.WARNING, job=job.id, reason=str(exc))
             raise ControlError(f"restart of {job.id} failed: {exc}") from None
         now = time.time()
-        for u in job.units.values():
-            u.state, u.started, u.exit_code, u.signal, u.detail = "running", now, None, None, f"restored from {ckpt['id']}"
+        for n in names:
+            u = job.units[n]
+            u.state, u.started, u.exit_code, u.signal = "running", now, None, None
+            u.detail = f"restored from {label}" if plan[n] else "started afresh"
         job.restarts += 1
         job.busy = ""
         job.state = job.derive_state()
         await self.orch.save_job(job)
         for pu in per_unit.values():
             pu["total_ms"] = round(sum(pu["stages_ms"].values()), 2)
-        event(log, "job restarted", job=job.id, checkpoint=ckpt["id"])
-        return {"job": job.id, "from": ckpt["id"], "total_ms": _ms(t_all), "stages_ms": stages_ms,
+        event(log, "job restarted", job=job.id, source=label, units=",".join(names))
+        return {"job": job.id, "from": label, "total_ms": _ms(t_all), "stages_ms": stages_ms,
                 "units": list(per_unit.values())}
 
     async def auto_restart(self, job: JobState) -> None:

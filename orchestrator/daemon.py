@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +23,7 @@ from .determinants import BadBatch, DeterminantSink
 from .jobs import TERMINAL_UNIT_STATES, AgentInfo, JobState, PlacementError, UnitState, place_units
 from .jobspec import JobFileError, JobSpec
 from .logs import event
+from .recovery.line import compute as line_compute
 from .store import Store
 
 log = logging.getLogger("gridckpt.orchestrator")
@@ -108,7 +110,8 @@ class Orchestrator:
                      for name, p in rec.get("placement", {}).items()}
             self._unreported.update((job_id, name) for name in units)
             job = JobState(id=job_id, spec=rec["spec"], units=units, state=rec.get("state", "running"),
-                           restarts=rec.get("restarts", 0), submitted=rec.get("submitted", time.time()))
+                           restarts=rec.get("restarts", 0), submitted=rec.get("submitted", time.time()),
+                           lineage={u: list(v) for u, v in (rec.get("lineage") or {}).items()})
             if job.state == "restarting":
                 job.state = "failed"
             self.jobs[job_id] = job
@@ -339,7 +342,7 @@ class Orchestrator:
         job = JobState(id=job_id, spec=spec, units=units, state="pending")
         self.jobs[job_id] = job
         await self.save_job(job)
-        interposed = [u["name"] for u in spec["units"] if u.get("interpose") or spec.get("protocol") == "independent"]
+        interposed = job.interposed()
         if interposed:
             await asyncio.to_thread(lambda: [self.determinants.log_of(job_id).add_unit(n) for n in interposed])
         event(log, "job submitted", job=job_id, units=len(units))
@@ -402,6 +405,39 @@ class Orchestrator:
             raise ControlError(f"cannot write {path}: {exc.strerror or exc}", 1) from None
         return {"job": j.id, "path": path, "records": n}
 
+    async def recovery_line(self, job: JobState) -> dict[str, Any]:
+        """The recovery line of a job's live determinant log: failed/lost units have failed
+        (none failed: every unit counts as failed, as for a whole-job restart)."""
+        failed = [u.name for u in job.units.values() if u.state in ("failed", "lost")] or None
+        sink = self.determinants
+
+        def compute() -> dict[str, Any]:
+            model = sink.log_of(job.id).load()
+            return line_compute(model, failed).to_json()
+
+        try:
+            return await asyncio.to_thread(compute)
+        except ValueError as exc:
+            raise ControlError(f"recovery line of {job.id}: {exc}") from None
+
+    async def op_recovery_line(self, job: str) -> dict[str, Any]:
+        j = self.job(job)
+        if not j.interposed():
+            raise ControlError(f"job {j.id} runs no unit under the shim, so it has no determinant log", 2)
+        return await self.recovery_line(j)
+
+    async def op_restart_line(self, job: str, place: dict[str, str] | None = None) -> dict[str, Any]:
+        return await self.coordinator.restart_line(self.job(job), place or {})
+
+    async def op_gc(self, job: str, dry_run: bool = False) -> dict[str, Any]:
+        return await self.coordinator.gc(self.job(job), dry_run)
+
+    async def op_unit_checkpoint(self, job: str, unit: str) -> dict[str, Any]:
+        j = self.job(job)
+        if unit not in j.units:
+            raise ControlError(f"job {j.id} has no unit {unit!r}", 2)
+        return await self.coordinator.unit_checkpoint(j, unit)
+
     async def op_wait(self, job: str, timeout: float = 5.0) -> dict[str, Any]:
         """Return the job's status once it changes or after ``timeout`` (used by `gridckpt run`)."""
         j = self.job(job)
@@ -410,9 +446,41 @@ class Orchestrator:
 
     # ----------------------------------------------------------------- periodic checkpoints
     def _schedule_periodic(self, job: JobState) -> None:
-        every = job.spec.get("checkpoint_every")
-        if every and job.id not in self._periodic and job.spec.get("protocol", "coordinated") == "coordinated":
-            self._periodic[job.id] = asyncio.create_task(self._periodic_loop(job, float(every)))
+        if job.id in self._periodic:
+            return
+        if job.spec.get("protocol") == "independent":
+            if any(u.get("checkpoint_every") or job.spec.get("checkpoint_every") for u in job.spec["units"]):
+                self._periodic[job.id] = asyncio.create_task(self._independent_loops(job))
+        elif job.spec.get("checkpoint_every"):
+            self._periodic[job.id] = asyncio.create_task(self._periodic_loop(job, float(job.spec["checkpoint_every"])))
+
+    async def _independent_loops(self, job: JobState) -> None:
+        """Each unit checkpoints alone on its own schedule, with jitter so they drift apart."""
+        loops = []
+        units = job.spec["units"]
+        for i, u in enumerate(units):
+            every = u.get("checkpoint_every") or job.spec.get("checkpoint_every")
+            if every:
+                jitter = u.get("checkpoint_jitter")
+                if jitter is None:
+                    jitter = float(every) * float(u.get("checkpoint_jitter_fraction") or 0.1)
+                phase = float(every) * i / len(units)  # staggered: units start out of step
+                loops.append(self._unit_loop(job, u["name"], float(every), float(jitter), phase))
+        await asyncio.gather(*loops)
+
+    async def _unit_loop(self, job: JobState, unit: str, every: float, jitter: float, phase: float) -> None:
+        rnd = random.Random(f"{job.id}/{unit}")
+        await asyncio.sleep(phase)
+        while job.state not in ("cancelled", "succeeded"):
+            await asyncio.sleep(max(0.05, every + rnd.uniform(-jitter, jitter)))
+            if job.busy or job.units[unit].state != "running":
+                continue
+            try:
+                res = await self.coordinator.unit_checkpoint(job, unit)
+                event(log, "unit checkpoint", job=job.id, unit=unit, seq=res["units"][0]["seq"],
+                      total_ms=res["total_ms"])
+            except ControlError as exc:
+                event(log, "unit checkpoint failed", logging.WARNING, job=job.id, unit=unit, error=str(exc))
 
     async def _periodic_loop(self, job: JobState, every: float) -> None:
         while job.state not in ("cancelled", "succeeded"):

@@ -85,6 +85,18 @@ class DeterminantSink:
             write_json_atomic(Path(self.store.determinants_dir(job)) / WATERMARKS, marks)
             return n
 
+    async def wait_for(self, job: str, unit: str, shipped: dict[str, int], timeout: float) -> bool:
+        """Wait until the log holds every record ``shipped`` names ({source: next index})."""
+        self.log_of(job)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            marks = self._marks.get(job, {})
+            if all(marks.get(f"{unit}/{src}", 0) >= n for src, n in shipped.items()):
+                return True
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+
     def add_checkpoint(self, job: str, unit: str, seq: int) -> None:
         """A unit committed checkpoint ``seq`` (blocking; call in a thread)."""
         self.log_of(job).add_checkpoint(unit, seq)

@@ -63,6 +63,29 @@ class JobState:
     restarts: int = 0
     submitted: float = field(default_factory=time.time)
     busy: str = ""  # "checkpoint" / "restart" while a stage machine runs
+    # per unit, the store seqs of its checkpoints in the current history: the k-th entry is
+    # the unit's checkpoint k of the determinant log (its interval k starts there)
+    lineage: dict[str, list[int]] = field(default_factory=dict)
+
+    def interval_of(self, unit: str) -> int:
+        """The unit's current checkpoint interval (= how many checkpoints its history holds)."""
+        return len(self.lineage.get(unit, []))
+
+    def rewind(self, unit: str, seq: int) -> int:
+        """The unit goes back to store checkpoint ``seq`` (0: its start); returns its interval."""
+        hist = self.lineage.setdefault(unit, [])
+        if seq == 0:
+            hist.clear()
+        elif seq in hist:
+            del hist[hist.index(seq) + 1:]
+        else:
+            hist[:] = [s for s in hist if s < seq] + [seq]
+        return len(hist)
+
+    def interposed(self) -> list[str]:
+        """Units run under the shim (all of them in an independent job)."""
+        indep = self.spec.get("protocol") == "independent"
+        return [u["name"] for u in self.spec["units"] if indep or u.get("interpose")]
 
     def derive_state(self) -> str:
         """Job state from its units (a cancelled job stays cancelled)."""
@@ -91,7 +114,7 @@ class JobState:
     def to_record(self) -> dict[str, Any]:
         """What goes into the store's job.json."""
         return {"job": self.id, "spec": self.spec, "state": self.state, "restarts": self.restarts,
-                "submitted": self.submitted,
+                "submitted": self.submitted, "lineage": self.lineage,
                 "placement": {n: {"node": u.node, "site": u.site} for n, u in self.units.items()}}
 
 

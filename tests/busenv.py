@@ -7,7 +7,7 @@ import os
 import subprocess
 import time
 import uuid
-from typing import Any, Awaitable, Callable
+from typing import Callable
 
 from orchestrator.bus import Bus, open_bus
 
@@ -99,5 +99,3 @@ async def wait_dead(env: BusEnv, count: int, timeout: float = 10.0) -> list[tupl
         await asyncio.sleep(0.05)
     return got
 
-
-Recorder = Callable[[dict[str, Any], Any], Awaitable[None]]

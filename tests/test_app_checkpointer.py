@@ -269,3 +269,29 @@ async def test_late_answer_after_timeout_keeps_the_protocol_in_step(env, tmp_pat
     assert (store.images_dir("job1", "s", 2) / "n").read_text().isdigit()
     n = steps()
     await wait_for(lambda: steps() >= n + 2)
+
+
+async def test_asyncio_program_uses_async_safe_points(env, tmp_path):
+    store, backend, runner, start = env
+    prog = tmp_path / "aio.py"
+    prog.write_text(
+        "import asyncio, os\nfrom nodeagent.appclient import AppClient\n"
+        "async def main():\n"
+        "    c = AppClient.from_env(safe_points=True)\n"
+        "    n = 0\n"
+        "    def save(d):\n        open(os.path.join(d, 'n'), 'w').write(str(n))\n"
+        "    c.on_checkpoint(save); c.start()\n"
+        "    while True:\n"
+        "        n += 1\n        print('n', n, flush=True)\n"
+        "        await asyncio.sleep(0.01)\n        await c.asafe_point()\n"
+        "asyncio.run(main())\n")
+    u = await start("aio", [PY, str(prog)])
+    await wait_for(lambda: (u.unit_dir / "stdout").read_text().count("n ") >= 3)
+    await runner.run(u, "prepare", "ck1", 1)
+    saved = int((store.images_dir("job1", "aio", 1) / "n").read_text())
+    await asyncio.sleep(0.1)     # quiesced: no step after the saved one until RESUME
+    last = int((u.unit_dir / "stdout").read_text().split()[-1])
+    assert last == saved
+    for stage in ("stop", "checkpoint", "resume_cp"):
+        await runner.run(u, stage, "ck1", 1)
+    await wait_for(lambda: int((u.unit_dir / "stdout").read_text().split()[-1]) > saved + 2)

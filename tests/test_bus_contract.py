@@ -420,3 +420,24 @@ async def test_amqp_first_connect_is_retried_until_the_broker_appears():
         for t in pipes:
             t.cancel()
         await asyncio.gather(*pipes, return_exceptions=True)
+
+
+async def test_exclusive_queue_takes_one_consumer(env):
+    bus = env.buses[0]
+    queue = env.q("solo")
+    got, handler = recorder()
+    await bus.consume(queue, [env.key("solo")], handler, kind="exclusive")
+    with pytest.raises(BusError):
+        await bus.consume(queue, [env.key("solo")], recorder()[1], kind="exclusive")
+    await bus.publish(env.key("solo"), ping(), mandatory=True)  # the first consumer still works
+    await wait_until(lambda: len(got) == 1, what="delivery after a refused consumer")
+
+
+async def test_queue_kind_mismatch_is_refused(env):
+    bus = env.buses[0]
+    queue = env.q("kind")
+    await bus.consume(queue, [env.key("kind")], recorder()[1], kind="quorum")
+    with pytest.raises(BusError):
+        await bus.consume(queue, [env.key("kind")], recorder()[1], kind="transient")
+    with pytest.raises(ValueError, match="unknown queue kind 'durable'"):
+        await bus.consume(env.q("k2"), [env.key("kind")], recorder()[1], kind="durable")

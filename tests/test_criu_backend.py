@@ -250,10 +250,15 @@ async def test_in_place_writer_gets_its_file_back(tmp_path, units):
     await unit.start(ckpt, [sys.executable, str(unit.unit_dir / "inplace.py"), str(data)])
     await wait_for(lambda: "wrote 3" in unit.stdout.read_text(), what="writer output")
     images = tmp_path / "images"
-    unit.freeze()
+    pids = unit.pids()
+    for pid in pids:                                   # the agent's SIGSTOP fallback, no freezer
+        os.kill(pid, signal.SIGSTOP)
+    await wait_for(lambda: all(Path(f"/proc/{p}/stat").read_text().split(") ")[1][0] == "T" for p in pids),
+                   what="stopped tree")
     content = data.read_bytes()
     await ckpt.checkpoint(unit, images)
-    unit.thaw()
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
     await wait_for(lambda: data.read_bytes() != content, what="a later write")
     await unit.kill()
     await ckpt.rebuild(unit, images)

@@ -212,3 +212,32 @@ async def test_criu_unit_through_every_stage_and_back(tmp_path):
 def psutil_alive(pid: int) -> bool:
     from nodeagent.freezer import alive_pids
     return bool(alive_pids([pid]))
+
+
+async def test_job_file_callbacks_get_their_environment(env, tmp_path):
+    store, runner, start = env
+    log = tmp_path / "cb.log"
+    script = f'echo "$0 $GRIDCKPT_JOB $GRIDCKPT_UNIT $GRIDCKPT_CHECKPOINT $GRIDCKPT_IMAGES $MYVAR $PWD" >> {log}'
+    u = await start("a", env={"MYVAR": "v1"},
+                    callbacks={name: ["sh", "-c", script, name]
+                               for name in ("pre_checkpoint", "post_checkpoint", "restart")})
+    for stage in ("prepare", "stop", "checkpoint", "resume_cp"):
+        await runner.run(u, stage, "ck1", 1)
+    await u.kill()
+    await runner.run(u, "rebuild", "rs1", 1)
+    await runner.run(u, "resume_rst", "rs1", 1)
+    images = store.images_dir("job1", "a", 1)
+    assert log.read_text().splitlines() == [
+        f"pre_checkpoint job1 a ck1 {images} v1 {ROOT}",
+        f"post_checkpoint job1 a ck1 {images} v1 {ROOT}",
+        f"restart job1 a rs1 {images} v1 {ROOT}",
+    ]
+
+
+async def test_callback_timeout(env):
+    store, runner, start = env
+    u = await start("a", callbacks={"pre_checkpoint": ["sleep", "30"]})
+    t0 = time.monotonic()
+    with pytest.raises(CheckpointError, match="pre_checkpoint callback 'sleep' timed out after 0.3 s"):
+        await runner.run(u, "prepare", "ck1", 1, {"callback_timeout": 0.3})
+    assert time.monotonic() - t0 < 2

@@ -313,7 +313,8 @@ class AppCheckpointer(Checkpointer):
         images = Path(images)
         if not images.is_dir():
             raise CheckpointError(f"unit {unit.name}: images directory {images} is missing")
-        files = [p for p in images.rglob("*") if p.is_file() and p.name != "manifest.json"]
+        files = await asyncio.to_thread(
+            lambda: [p for p in images.rglob("*") if p.is_file() and p.name != "manifest.json"])
         if not files:
             raise CheckpointError(f"unit {unit.name}: the program wrote no state into {images}")
 

@@ -30,6 +30,7 @@ message id and dead-letters at the same limit.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -49,7 +50,15 @@ CONTENT_TYPE = "application/msgpack"
 BATCH_CONTENT_TYPE = "application/x-gridckpt-batch"
 PIPELINE = 4        # plain publishes in flight per routing key before batching starts
 MAX_BATCH = 500     # messages per envelope
+MAX_BATCH_BYTES = 4 << 20  # bytes per envelope (a bigger lone message still goes out alone)
 BATCH_TIMEOUT = 30.0
+
+
+class _QuietFirstConnect(logging.Filter):
+    """Drops aiormq's per-attempt error records while ``connect`` retries (it logs its own line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("error when creating transport")
 
 
 def queue_arguments(kind: str) -> dict[str, Any]:
@@ -77,7 +86,7 @@ class _AmqpConsumer(Consumer):
                  queue: aio_pika.abc.AbstractQueue, kind: str, handler: Handler) -> None:
         self.bus, self.channel, self.queue, self.kind, self.handler = bus, channel, queue, kind, handler
         self.seen = SeenIds()
-        self.failures: dict[str, int] = {}  # classic queues: redeliveries per message id
+        self.failures: dict[Any, int] = {}  # classic queues: redeliveries per message id
         self.inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self.tag: str | None = None
         self._idle = True
@@ -86,7 +95,8 @@ class _AmqpConsumer(Consumer):
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"amqp-consumer-{self.queue.name}")
-        self.tag = await self.queue.consume(self._on_message)
+        # An exclusive queue has one consumer, as on memory:// (a second one is refused).
+        self.tag = await self.queue.consume(self._on_message, exclusive=(self.kind == "exclusive"))
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self.inbox.put_nowait(message)
@@ -102,16 +112,16 @@ class _AmqpConsumer(Consumer):
                 log.error("consumer of %s could not settle a message: %s: %s",
                           self.queue.name, type(exc).__name__, exc)
 
-    def _redeliveries(self, message: AbstractIncomingMessage) -> int:
+    def _redeliveries(self, message: AbstractIncomingMessage, key: Any) -> int:
         """How many times ``message`` was requeued before (this delivery not counted)."""
         if self.kind == "quorum":
             count = (message.headers or {}).get("x-delivery-count", 0)
             return count if isinstance(count, int) else 0
-        return self.failures.get(message.message_id or "", 0)
+        return self.failures.get(key, 0)
 
-    def _count_failure(self, message: AbstractIncomingMessage) -> None:
-        if self.kind != "quorum" and message.message_id:
-            self.failures[message.message_id] = self.failures.get(message.message_id, 0) + 1
+    def _count_failure(self, key: Any) -> None:
+        if self.kind != "quorum":
+            self.failures[key] = self.failures.get(key, 0) + 1
             if len(self.failures) > 10_000:
                 self.failures.pop(next(iter(self.failures)))
 
@@ -125,19 +135,20 @@ class _AmqpConsumer(Consumer):
         if out.action == "ack":
             if out.reply is not None and message.reply_to:
                 await self.bus._send_reply(message.reply_to, message.correlation_id, out.reply)
-            self.failures.pop(message.message_id or "", None)
+            self.failures.pop(delivery.message_id, None)
             await message.ack()
         elif out.action == "dead":
             await self.bus._dead_letter(message, out.reason, self.queue.name)
         elif self.kind == "quorum":
             await message.nack(requeue=True)  # the broker counts and dead-letters
-        elif over_limit(self._redeliveries(message) + 1):
-            self.failures.pop(message.message_id or "", None)
+        elif over_limit(self._redeliveries(message, delivery.message_id) + 1):
+            # (delivery.message_id is the decoded message's id: a retry implies it decoded.)
+            self.failures.pop(delivery.message_id, None)
             reason = limit_reason(self.queue.name)
-            log.warning("dead-lettering message %s: %s", message.message_id, reason)
+            log.warning("dead-lettering message %s: %s", delivery.message_id, reason)
             await self.bus._dead_letter(message, reason, self.queue.name)
         else:
-            self._count_failure(message)
+            self._count_failure(delivery.message_id)
             await message.nack(requeue=True)
 
     async def _process_batch(self, message: AbstractIncomingMessage) -> None:
@@ -164,18 +175,19 @@ class _AmqpConsumer(Consumer):
                     failed.append(body)  # could not dead-letter it now: keep the envelope
             elif out.action == "retry":
                 failed.append(body)
+        key = message.message_id or message.body  # envelopes always carry a message id
         if not failed:
-            self.failures.pop(message.message_id or "", None)
+            self.failures.pop(key, None)
             return await message.ack()
-        if over_limit(self._redeliveries(message) + 1):
-            self.failures.pop(message.message_id or "", None)
+        if over_limit(self._redeliveries(message, key) + 1):
+            self.failures.pop(key, None)
             reason = limit_reason(self.queue.name)
             for body in failed:
                 log.warning("dead-lettering a batched message: %s", reason)
                 if not await self.bus._dead_letter_body(body, reason, self.queue.name, message.routing_key):
                     return await message.reject(requeue=False)  # RabbitMQ dead-letters the envelope
             return await message.ack()
-        self._count_failure(message)
+        self._count_failure(key)
         await message.nack(requeue=True)
 
     async def cancel(self) -> None:
@@ -230,6 +242,16 @@ class AmqpBus(Bus):
         await self.close()
 
     async def connect(self) -> None:
+        quiet, aiormq_log = _QuietFirstConnect(), logging.getLogger("aiormq.connection")
+        aiormq_log.addFilter(quiet)
+        try:
+            await self._first_connect()
+        finally:
+            aiormq_log.removeFilter(quiet)
+        await self._declare_topology()
+
+    async def _first_connect(self) -> None:
+        """Connect, retrying until ``connect_timeout``; fail at once on refused credentials or vhost."""
         deadline = time.monotonic() + self.connect_timeout
         delay, last = 0.2, None
         while True:
@@ -255,6 +277,9 @@ class AmqpBus(Bus):
             log.info("broker %s not reachable yet (%s), retrying", masked_url(self.url), last)
             await asyncio.sleep(min(delay, left))
             delay = min(delay * 2, 2.0)
+
+    async def _declare_topology(self) -> None:
+        """The VO's topic exchange, the fanout dead-letter exchange and its durable queue."""
         try:
             self._channel = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
             self._exchange = await self._channel.declare_exchange(
@@ -264,7 +289,8 @@ class AmqpBus(Bus):
             dead = await self._channel.declare_queue(protocol.DEAD_LETTER_QUEUE, durable=True)
             await dead.bind(self._dlx)
         except Exception as exc:
-            await self._conn.close()
+            conn, self._conn = self._conn, None
+            await conn.close()
             raise BusError(f"setting up exchanges on {masked_url(self.url)} failed: {exc}") from None
 
     async def close(self) -> None:
@@ -289,6 +315,7 @@ class AmqpBus(Bus):
                       timeout: float = 5.0, reply_to: str | None = None,
                       correlation_id: str | None = None) -> None:
         body = protocol.encode(msg)
+        self._check()
         lane = None
         if self.batching and reply_to is None and correlation_id is None:
             lane = self._lanes.get((routing_key, mandatory))
@@ -320,7 +347,13 @@ class AmqpBus(Bus):
 
     def _flush(self, lane: "_Lane") -> None:
         while lane.in_flight < PIPELINE and lane.waiting:
-            batch, lane.waiting = lane.waiting[:MAX_BATCH], lane.waiting[MAX_BATCH:]
+            take, size = 0, 0
+            while take < min(MAX_BATCH, len(lane.waiting)):
+                size += len(lane.waiting[take][0])
+                if take and size > MAX_BATCH_BYTES:
+                    break
+                take += 1
+            batch, lane.waiting = lane.waiting[:take], lane.waiting[take:]
             lane.in_flight += 1
             task = asyncio.get_running_loop().create_task(self._send_batch(lane, batch))
             self._batch_tasks.add(task)

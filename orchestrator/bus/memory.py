@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import protocol
-from .base import Bus, BusError, Consumer, Delivery, Handler, PublishTimeout, RequestTimeout, Unroutable
+from .base import Bus, BusError, Consumer, Delivery, Handler, RequestTimeout, Unroutable
 from .common import SeenIds, check_kind, decide, limit_reason, log, over_limit
 from .topic import matches
 
@@ -281,4 +281,4 @@ class MemoryBus(Bus):
         self._broker.delete(queue)
 
 
-__all__ = ["MemoryBus", "broker_for", "PublishTimeout"]
+__all__ = ["MemoryBus", "broker_for"]
