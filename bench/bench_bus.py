@@ -110,6 +110,16 @@ async def events_rate(url: str, n: int, window: int, **bus_options) -> float:
         await orch.close()
 
 
+async def _has_orchestrator(url: str) -> bool:
+    """True when ``url``'s vhost has the orchestrator's events queue (bound to ``events.#``)."""
+    bus = open_bus(url, connect_timeout=5)
+    await bus.connect()
+    try:
+        return await bus.queue_exists(protocol.EVENTS_QUEUE)
+    finally:
+        await bus.close()
+
+
 async def _drop(bus: Bus, queues: list[str]) -> None:
     delete = getattr(bus, "delete_queue", None)
     for q in queues:
@@ -126,6 +136,8 @@ async def main() -> int:
     ap.add_argument("--events", type=int, default=50_000, help="events for the rate test (default %(default)s)")
     ap.add_argument("--window", type=int, default=1000, help="publishes in flight (default %(default)s)")
     ap.add_argument("--no-memory", action="store_true", help="skip memory://")
+    ap.add_argument("--force", action="store_true",
+                    help="run even if an orchestrator's events queue exists on the broker's vhost")
     ap.add_argument("--no-unbatched", action="store_true", help="skip the amqp:// rate without envelopes")
     args = ap.parse_args()
     if args.n < 2 or args.events < 1 or args.window < 1:
@@ -134,6 +146,11 @@ async def main() -> int:
     rows = []
     urls = ([] if args.no_memory else ["memory://bench"]) + [args.broker]
     try:
+        if not args.force and await _has_orchestrator(args.broker):
+            print(f"bench_bus: {args.broker} has an orchestrator's queue {protocol.EVENTS_QUEUE!r}: the benchmark's "
+                  "events would pile up there; use a virtual host of its own (amqp://.../bench) or --force",
+                  file=sys.stderr)
+            return 2
         for url in urls:
             rt = await round_trips(url, args.n)
             rate = await events_rate(url, args.events, args.window)

@@ -160,7 +160,7 @@ class NodeAgent:
     async def _on_command(self, msg: dict[str, Any], d: Delivery) -> None:
         t = msg["type"]
         if t == "ping":
-            await self._emit(protocol.event_key(self.site, self.node), "pong", node=self.node, ping=msg["id"],
+            await self._emit(protocol.REPLIES_KEY, "pong", node=self.node, ping=msg["id"],
                              sent=msg.get("sent") or 0.0)
             return
         if t not in ("launch", "kill", "stage"):
@@ -310,4 +310,4 @@ class NodeAgent:
                                   "ok": ok, "ms": float(res.get("ms", 0.0)), "data": data}
         if error:
             fields["error"] = error
-        await self._emit(protocol.event_key(self.site, self.node), "stage_result", **fields)
+        await self._emit(protocol.REPLIES_KEY, "stage_result", **fields)

@@ -93,6 +93,7 @@ class Unit:
         self._killing = False
         self._root_gone = False
         self._sid: int | None = None
+        self._members: set[int] = set()     # pids seen in the tree, for _reap_zombies
 
     # -- UnitProcess -------------------------------------------------------------------
     @property
@@ -117,7 +118,9 @@ class Unit:
 
     def pids(self) -> list[int]:
         """Every live pid of the tree: the cgroup's members, else the root's descendants."""
-        return alive_pids(self._tree_pids_raw())
+        live = alive_pids(self._tree_pids_raw())
+        self._members.update(live)
+        return live
 
     # -- launch ------------------------------------------------------------------------
     async def launch(self, plan: LaunchPlan, *, stopped: bool = False,
@@ -359,6 +362,8 @@ class Unit:
                     await self.freezer.thaw()
                 except CheckpointError:
                     pass
+            if reap:
+                self._reap_zombies()
             return
         froze = False
         if self.freezer.kind != "signal":
@@ -390,21 +395,28 @@ class Unit:
                 await self.freezer.thaw()
             except CheckpointError:
                 pass
+        if reap:
+            self._reap_zombies()
 
     def _reap_zombies(self) -> None:
-        """Reap zombies of the tree that are the agent's children, except the root (reaped
-        by asyncio, by the pidfd watcher or by the backend that restored it)."""
-        own = self.root_pid
+        """Reap members of the tree that died as the agent's children: orphans re-parented
+        to the agent (a subreaper) would otherwise stay zombies as long as it runs.  Never
+        the root (reaped by asyncio, the pidfd watcher, or the backend that restored it),
+        and only pids seen as members of this unit (never another child of the agent)."""
         me = os.getpid()
-        for pid in set(self._tree_pids_raw()):
-            if pid == own:
+        for pid in list(self._members):
+            if pid == self.root_pid:
+                self._members.discard(pid)
                 continue
             try:
                 p = psutil.Process(pid)
-                if p.ppid() == me and p.status() == psutil.STATUS_ZOMBIE:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    continue            # alive: keep watching it
+                if p.ppid() == me:
                     os.waitpid(pid, os.WNOHANG)
             except (psutil.Error, ChildProcessError, OSError):
                 pass
+            self._members.discard(pid)  # dead, reaped here or by its own parent
 
     # -- status ------------------------------------------------------------------------
     async def _set_state(self, state: str) -> None:
@@ -426,6 +438,7 @@ class Unit:
 
     def status(self) -> dict[str, Any]:
         """state, pid, nprocs, uptime, exit_code, signal (and cancelled, detail)."""
+        self._reap_zombies()
         live = not self.ended and self.root_pid is not None
         return {
             "state": self.state,

@@ -144,6 +144,8 @@ async def _client(args: argparse.Namespace) -> int:
     elif verb == "restart":
         if args.recovery_line:
             res = await c("restart_line", job=args.job, place=_place(args.place))
+            _print(res, args.json, tables.restart_table(res) + "\n" + _replay_text(res))
+            return 0
         else:
             res = await c("restart", job=args.job, checkpoint=args.checkpoint, place=_place(args.place))
         _print(res, args.json, tables.restart_table(res))
@@ -167,6 +169,24 @@ async def _client(args: argparse.Namespace) -> int:
     else:  # pragma: no cover - argparse restricts verbs
         raise UsageError(f"gridckpt: unknown verb {verb}")
     return 0
+
+
+def _replay_text(res: dict[str, Any]) -> str:
+    """What a restart from the recovery line could not give back to the programs."""
+    kept = [u for u, v in res["line"].items() if v == "current"]
+    lines = ["recovery line: " + ", ".join(f"{u}={v}" for u, v in res["line"].items()),
+             "kept running: " + (", ".join(kept) if kept else "none")]
+    if res["replay"]:
+        lines.append("bytes the readers will not see again (in transit or lost at the line; "
+                     "gridckpt does not replay them yet):")
+        for r in res["replay"]:
+            lines.append(f"  {r['conn']}  {r['from']} -> {r['to'] or '?'}  [{r['start']}, {r['end']})  "
+                         f"{r['end'] - r['start']} B")
+    else:
+        lines.append("no bytes in transit at the line")
+    if res.get("domino"):
+        lines.append("domino effect: a unit went back to its initial state")
+    return "\n".join(lines)
 
 
 def _gc_text(res: dict[str, Any]) -> str:

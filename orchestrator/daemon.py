@@ -56,6 +56,8 @@ class Orchestrator:
         self._consumers.append(await self.bus.consume(
             protocol.EVENTS_QUEUE, ["events.#"], self._on_event, kind="quorum", prefetch=256))
         self._consumers.append(await self.bus.consume(
+            protocol.REPLIES_QUEUE, [protocol.REPLIES_KEY], self._on_event, kind="exclusive", prefetch=256))
+        self._consumers.append(await self.bus.consume(
             protocol.HEARTBEAT_QUEUE, ["heartbeat.#"], self._on_heartbeat, kind="transient"))
         self._consumers.append(await self.bus.consume(
             protocol.DETERMINANTS_QUEUE, ["determinants.#"], self._on_determinants, kind="quorum", prefetch=64))

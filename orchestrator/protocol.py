@@ -30,6 +30,11 @@ DETERMINANTS_QUEUE = "gridckpt.orchestrator.determinants"
 HEARTBEAT_QUEUE = "gridckpt.orchestrator.heartbeats"
 CONTROL_QUEUE = "gridckpt.orchestrator.control"
 CONTROL_KEY = "orchestrator.control"
+# Stage results and pongs answer one orchestrator's commands: they go to its exclusive,
+# non-durable replies queue (no quorum fsync on the checkpoint's critical path); if that
+# orchestrator dies meanwhile, the checkpoint they belong to is aborted anyway.
+REPLIES_QUEUE = "gridckpt.orchestrator.replies"
+REPLIES_KEY = "orchestrator.replies"
 DELIVERY_LIMIT = 5
 
 

@@ -441,3 +441,17 @@ async def test_queue_kind_mismatch_is_refused(env):
         await bus.consume(queue, [env.key("kind")], recorder()[1], kind="transient")
     with pytest.raises(ValueError, match="unknown queue kind 'durable'"):
         await bus.consume(env.q("k2"), [env.key("kind")], recorder()[1], kind="durable")
+
+
+async def test_burst_of_large_messages(env):
+    """Sixteen 1 MiB determinant batches at once: all delivered intact (envelopes stay bounded)."""
+    bus, agent = env.buses[0], await env.new_bus()
+    got, handler = recorder()
+    await bus.consume(env.q("dets"), [env.key("determinants", "#")], handler, kind="quorum", prefetch=8)
+    msgs = [protocol.make("determinants", job="j", unit="u", node="n", batch=bytes([i]) * (1 << 20),
+                          first=i, count=1) for i in range(16)]
+    await asyncio.gather(*(agent.publish(env.key("determinants", "s", "n"), m, timeout=30) for m in msgs))
+    await wait_until(lambda: len(got) == 16, timeout=20, what="16 large messages")
+    assert sorted(m["first"] for m, _ in got) == list(range(16))
+    assert all(m["batch"] == bytes([m["first"]]) * (1 << 20) for m, _ in got)
+    assert all(d.headers.get("x-gridckpt-batch", 1) <= 4 for _, d in got)

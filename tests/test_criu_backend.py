@@ -158,6 +158,10 @@ def last(pattern: str, text: str) -> int:
     return int(found[-1]) if found else 0
 
 
+def state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
+
+
 def numbers(path: Path) -> list[int]:
     return [int(x) for x in path.read_text().split()]
 
@@ -187,7 +191,7 @@ async def test_c_counter_with_preload_restarts_from_checkpoint(tmp_path, binarie
     await ckpt.rebuild(unit, images)
     root = unit.root_pid
     assert ns_pids(root)[-1] == 1 and os.getppid() != root
-    assert open(f"/proc/{root}/stat").read().split(") ")[1][0] == "T"   # left stopped
+    await wait_for(lambda: state(root) == "T", 2, "a stopped root")     # left stopped
     assert numbers(out) == list(range(1, len(numbers(out)) + 1))        # rolled back, no gap
     assert len(numbers(out)) in (at_ckpt - 1, at_ckpt)
     assert counts(unit.stdout)[-1][0] == at_ckpt                          # stdout rolled back
@@ -200,8 +204,22 @@ async def test_c_counter_with_preload_restarts_from_checkpoint(tmp_path, binarie
     assert numbers(out) == list(range(1, len(numbers(out)) + 1))
     assert str(binaries["preload"]) in Path(f"/proc/{root}/maps").read_text()
     assert (tmp_path / "mark").read_text() == marks                      # not re-run: restored, not started
+
+    # a second generation: checkpoint the restored tree, kill it, restore again
+    unit.freeze()
+    second = counts(unit.stdout)[-1][0]
+    await ckpt.checkpoint(unit, tmp_path / "images2")
+    unit.thaw()
+    await wait_for(lambda: counts(unit.stdout)[-1][0] >= second + 3, what="progress after 2nd checkpoint")
     await unit.kill(ckpt)
     assert ckpt.exit_code(root) == -signal.SIGKILL
+    await ckpt.rebuild(unit, tmp_path / "images2")
+    await ckpt.resume_rst(unit)
+    await wait_for(lambda: counts(unit.stdout)[-1][0] >= second + 3, what="progress after 2nd restart")
+    again = counts(unit.stdout)
+    assert [n for n, _ in again] == list(range(1, len(again) + 1))
+    assert numbers(out) == list(range(1, len(numbers(out)) + 1))
+    await unit.kill(ckpt)
 
 
 async def test_python_tree_with_threads_and_pipe(tmp_path, units):
@@ -224,6 +242,10 @@ async def test_python_tree_with_threads_and_pipe(tmp_path, units):
 
     await ckpt.rebuild(unit, images)
     assert len(tree_pids(unit.root_pid)) == 2
+    await wait_for(lambda: all(state(p) == "T" for p in tree_pids(unit.root_pid)), 2, "a stopped tree")
+    before = unit.stdout.read_text()
+    await asyncio.sleep(0.15)
+    assert unit.stdout.read_text() == before                              # nothing runs before resume_rst
     await ckpt.resume_rst(unit)
     restored = unit.root_pid
     await wait_for(lambda: "child got %d" % (parent_n + 4) in unit.stdout.read_text(), what="restored tree")
@@ -253,8 +275,7 @@ async def test_in_place_writer_gets_its_file_back(tmp_path, units):
     pids = unit.pids()
     for pid in pids:                                   # the agent's SIGSTOP fallback, no freezer
         os.kill(pid, signal.SIGSTOP)
-    await wait_for(lambda: all(Path(f"/proc/{p}/stat").read_text().split(") ")[1][0] == "T" for p in pids),
-                   what="stopped tree")
+    await wait_for(lambda: all(state(p) == "T" for p in pids), what="stopped tree")
     content = data.read_bytes()
     await ckpt.checkpoint(unit, images)
     for pid in pids:
@@ -293,7 +314,7 @@ async def test_two_restores_side_by_side_on_another_node(tmp_path, binaries, uni
     await asyncio.sleep(0.5)                                       # the restoring calls returned long ago
     for pid in pids:
         assert not is_zombie(pid)
-        assert Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] in "SR"
+        assert state(pid) in "SR"
     for copy in copies:
         os.kill(copy.root_pid, signal.SIGKILL)
         assert await asyncio.wait_for(node2.wait_exit(copy.root_pid), 5) == -signal.SIGKILL

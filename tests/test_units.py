@@ -255,3 +255,38 @@ async def test_sweep_removes_only_old_empty_cgroups(tmp_path, cleanup):
     assert str(stale) in removed
     assert fresh.exists() and os.path.exists(u.freezer_path)   # too young / not empty
     fresh.rmdir()
+
+
+SUBREAPER_AGENT = r"""
+import asyncio, os, signal, sys, psutil
+from nodeagent.units import Unit, become_subreaper
+from nodeagent.checkpointers.base import LaunchPlan
+TREE = sys.argv[2]
+async def main():
+    assert become_subreaper()
+    for how in ("kill-9", "cancel"):
+        u = Unit("sr", how, {}, os.path.join(sys.argv[1], how))
+        pid = await u.launch(LaunchPlan([sys.executable, "-c", TREE]))
+        while len(u.pids()) < 2:
+            await asyncio.sleep(0.01)
+        if how == "kill-9":
+            os.kill(pid, signal.SIGKILL)      # the forked child is orphaned to us
+            await u.wait(3)
+        else:
+            await u.kill()
+        await asyncio.sleep(0.1)
+        zombies = [c.pid for c in psutil.Process().children() if c.status() == psutil.STATUS_ZOMBIE]
+        print(how, u.state, "zombies", zombies, flush=True)
+        await u.close()
+asyncio.run(main())
+"""
+
+
+async def test_subreaper_agent_keeps_no_zombies(tmp_path):
+    """An agent that is a subreaper adopts the units' orphans; they must not pile up as zombies."""
+    proc = await asyncio.create_subprocess_exec(
+        PY, "-c", SUBREAPER_AGENT, str(tmp_path), TREE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert out.decode().splitlines() == ["kill-9 failed zombies []", "cancel exited zombies []"]

@@ -61,7 +61,8 @@ from typing import Any
 from .base import (Capabilities, Checkpointer, CheckpointError, LaunchPlan, RestoreRefused,
                    UnitProcess)
 from .criu_cli import CriuRunner
-from .criu_inspect import Sha256Cache, TreeFiles, copy_file, inspect_tree, ns_pids, tree_pids
+from .criu_inspect import (Sha256Cache, TreeFiles, copy_file, inspect_tree, ns_pids, parent_of,
+                           tree_pids)
 
 META_FILE = "gridckpt-criu.json"
 SNAPSHOT_DIR = "gridckpt-files"
@@ -109,8 +110,8 @@ class CriuCheckpointer(Checkpointer):
 
     async def checkpoint(self, unit: UnitProcess, images: Path) -> None:
         images = Path(images)
+        root = await asyncio.to_thread(self._dump_root, unit)
         images.mkdir(parents=True, exist_ok=True)
-        root = self._dump_root(unit)
         args = ["dump", "-t", str(root), "-D", str(images), "--leave-running", *_COMMON]
         if unit.freezer_path and os.path.isdir(unit.freezer_path):
             args += ["--freeze-cgroup", unit.freezer_path]
@@ -140,7 +141,7 @@ class CriuCheckpointer(Checkpointer):
             if ns_pids(root)[-1] == 1:
                 return root
             init = self._init_of.get(root)
-            if init is None or not os.path.exists(f"/proc/{init}"):
+            if init is None or parent_of(init) != root:
                 children = [p for p in tree_pids(root)[1:] if ns_pids(p)[-1] == 1]
                 init = children[0] if children else root
                 self._init_of[root] = init

@@ -93,7 +93,8 @@ class Sha256Cache:
         return value
 
 
-def _parent_of(pid: str) -> int | None:
+def parent_of(pid: int | str) -> int | None:
+    """The parent pid of ``pid``, None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -108,7 +109,7 @@ def tree_pids(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
-            ppid = _parent_of(name)
+            ppid = parent_of(name)
             if ppid is not None:
                 children.setdefault(ppid, []).append(int(name))
     out, todo = [], [root]

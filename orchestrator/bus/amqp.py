@@ -481,6 +481,19 @@ class AmqpBus(Bus):
             if not channel.is_closed:
                 await channel.close()
 
+    async def queue_exists(self, queue: str) -> bool:
+        """True when ``queue`` exists in this virtual host (tests and tools)."""
+        self._check()
+        channel = await self._conn.channel(publisher_confirms=False)
+        try:
+            await channel.declare_queue(queue, passive=True)
+            return True
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
     # -- request / reply ----------------------------------------------------------------
 
     async def _ensure_reply_consumer(self) -> None:

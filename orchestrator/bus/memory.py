@@ -276,6 +276,10 @@ class MemoryBus(Bus):
             out.append(self._broker.dead.popleft())
         return out
 
+    async def queue_exists(self, queue: str) -> bool:
+        """True when ``queue`` exists on this broker (tests and tools)."""
+        return queue in self._broker.queues
+
     async def delete_queue(self, queue: str) -> None:
         """Delete ``queue`` and its bindings (tests and tools)."""
         self._broker.delete(queue)

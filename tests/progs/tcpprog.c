@@ -7,7 +7,8 @@
  *   tcpprog client --port P --conns N --bytes B [--mode blocking|epoll] [--family 4|6]
  *       [--threads] [--partial] [--dup] [--fork-split] [--local-port LP]
  *       sends B bytes per connection (byte i = pattern(i)), reads the echo back and checks it.
- *   tcpprog client-fd --fd FD --bytes B   use an inherited connected socket (exec test)
+ *   tcpprog client-fd --fd FD --bytes B --offset X   continue on an inherited connected socket
+ *       (exec test): sends stream bytes [X, B) and reads their echo
  *
  * The I/O calls rotate through every interposed API (send, write, sendmsg with several
  * iovecs, writev, sendto, sendmmsg; recv, read, recvmsg, readv, recvfrom, recvmmsg, and
@@ -32,6 +33,7 @@
 
 static int g_family = 4, g_partial = 0, g_dup = 0, g_fork_split = 0, g_threads = 0;
 static long g_bytes = 100000;
+static int g_continued = 0; /* client-fd: this line continues the previous one's connection */
 static int g_conns = 1, g_port = 0, g_local_port = 0;
 static const char *g_mode = "blocking";
 static pthread_mutex_t g_out_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -56,17 +58,27 @@ static void addr_str(const struct sockaddr_storage *ss, char *out, size_t cap) {
     }
 }
 
-static void report(int fd, uint64_t sent, uint64_t recvd) {
+/* Addresses are captured while connected: after the peer's FIN getpeername fails. */
+struct names {
+    char local[80], peer[80];
+};
+
+static struct names names_of(int fd) {
+    struct names n;
     struct sockaddr_storage a, b;
     socklen_t la = sizeof a, lb = sizeof b;
-    char ls[80], ps[80];
     if (getsockname(fd, (void *)&a, &la) || getpeername(fd, (void *)&b, &lb))
         fail("getsockname/getpeername");
-    addr_str(&a, ls, sizeof ls);
-    addr_str(&b, ps, sizeof ps);
+    addr_str(&a, n.local, sizeof n.local);
+    addr_str(&b, n.peer, sizeof n.peer);
+    return n;
+}
+
+static void report(const struct names *n, uint64_t sent, uint64_t recvd) {
     pthread_mutex_lock(&g_out_lock);
-    printf("{\"local\": \"%s\", \"peer\": \"%s\", \"sent\": %llu, \"recv\": %llu, \"pid\": %d}\n", ls, ps,
-           (unsigned long long)sent, (unsigned long long)recvd, (int)getpid());
+    printf("{\"local\": \"%s\", \"peer\": \"%s\", \"sent\": %llu, \"recv\": %llu, \"pid\": %d%s}\n", n->local,
+           n->peer, (unsigned long long)sent, (unsigned long long)recvd, (int)getpid(),
+           g_continued ? ", \"continued\": true" : "");
     fflush(stdout);
     pthread_mutex_unlock(&g_out_lock);
 }
@@ -177,6 +189,7 @@ struct conn_stat {
 
 /* Echo everything until EOF; verify the pattern.  Blocking fd. */
 static void serve_blocking(int fd) {
+    struct names nm = names_of(fd);
     unsigned char buf[65536];
     uint64_t got = 0, sent = 0;
     unsigned k = 0;
@@ -208,7 +221,7 @@ static void serve_blocking(int fd) {
         }
         sent += (uint64_t)r;
     }
-    report(fd, sent, got);
+    report(&nm, sent, got);
 }
 
 static void *serve_thread(void *arg) {
@@ -250,6 +263,7 @@ static int listen_socket(void) {
 
 struct econn {
     int fd;
+    struct names nm;
     unsigned char buf[65536];
     size_t have, off; /* pending echo bytes [off, have) */
     uint64_t got, sent;
@@ -276,6 +290,7 @@ static int serve_epoll(int lfd) {
                 accepted++;
                 c = calloc(1, sizeof *c);
                 c->fd = fd;
+                c->nm = names_of(fd);
                 struct epoll_event e2 = {.events = EPOLLIN | EPOLLOUT | EPOLLET, .data.ptr = c};
                 epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e2);
                 continue;
@@ -316,7 +331,7 @@ static int serve_epoll(int lfd) {
                     progress = 1;
                 }
                 if (c->eof && c->off == c->have) {
-                    report(c->fd, c->sent, c->got);
+                    report(&c->nm, c->sent, c->got);
                     epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
                     close(c->fd);
                     free(c);
@@ -452,10 +467,10 @@ static void *send_range(void *arg) {
     return NULL;
 }
 
-/* Read the echo of `total` bytes and check it. */
-static uint64_t read_echo(int fd, uint64_t total) {
+/* Read the echo of stream bytes [from, total) and check it; returns the count. */
+static uint64_t read_echo_from(int fd, uint64_t from, uint64_t total) {
     unsigned char buf[65536];
-    uint64_t got = 0;
+    uint64_t got = from;
     unsigned k = 0;
     while (got < total) {
         size_t want = g_partial ? 1 + (k * 11) % 19 : sizeof buf;
@@ -471,8 +486,10 @@ static uint64_t read_echo(int fd, uint64_t total) {
             }
         got += (uint64_t)r;
     }
-    return got;
+    return got - from;
 }
+
+static uint64_t read_echo(int fd, uint64_t total) { return read_echo_from(fd, 0, total); }
 
 static void close_abortive(int fd) {
     /* RST instead of FIN: no TIME_WAIT, so the same address pair can be reused at once. */
@@ -485,6 +502,7 @@ static void close_abortive(int fd) {
 
 static void client_blocking_one(void) {
     int fd = connect_to(0);
+    struct names nm = names_of(fd);
     int wfd = fd, rfd = fd;
     if (g_dup) { /* write through dup(), read through fcntl(F_DUPFD_CLOEXEC), close the original */
         wfd = dup(fd);
@@ -520,18 +538,20 @@ static void client_blocking_one(void) {
         char extra;
         if (recv(rfd, &extra, 1, 0) != 0)
             fail("expected EOF");
-        report(rfd, s.sent, got);
+        report(&nm, total / 2 + s.sent, got); /* the child exited 0: it sent total / 2 */
     } else {
         struct sender s = {wfd, 0, total, 0};
         pthread_t th;
         pthread_create(&th, NULL, send_range, &s);
         uint64_t got = read_echo(rfd, total);
         pthread_join(th, NULL);
-        shutdown(wfd, SHUT_WR);
-        char extra;
-        if (recv(rfd, &extra, 1, 0) != 0)
-            fail("expected EOF");
-        report(rfd, s.sent, got);
+        if (!g_local_port) { /* orderly close; with a fixed local port, RST (see close_abortive) */
+            shutdown(wfd, SHUT_WR);
+            char extra;
+            if (recv(rfd, &extra, 1, 0) != 0)
+                fail("expected EOF");
+        }
+        report(&nm, s.sent, got);
     }
     if (wfd != rfd)
         close(wfd);
@@ -559,6 +579,7 @@ static void client_epoll_one(void) {
         errno = err;
         fail("non-blocking connect");
     }
+    struct names nm = names_of(fd);
     ev.events = EPOLLIN | EPOLLOUT;
     epoll_ctl(ep, EPOLL_CTL_MOD, fd, &ev);
     uint64_t total = (uint64_t)g_bytes, pos = 0, got = 0, eagain = 0;
@@ -617,7 +638,7 @@ done:
         fprintf(stderr, "tcpprog: short echo %llu/%llu\n", (unsigned long long)got, (unsigned long long)total);
         exit(1);
     }
-    report(fd, pos, got);
+    report(&nm, pos, got);
     close(ep);
     close_abortive(fd);
 }
@@ -641,15 +662,16 @@ static int run_client(void) {
 }
 
 /* An inherited connected socket (exec test): send g_bytes, read the echo, report. */
-static int run_client_fd(int fd) {
+static int run_client_fd(int fd, uint64_t offset) {
     uint64_t total = (uint64_t)g_bytes;
-    struct sender s = {fd, 0, total, 0};
+    struct names nm = names_of(fd);
+    struct sender s = {fd, offset, total, 0};
     pthread_t th;
     pthread_create(&th, NULL, send_range, &s);
-    uint64_t got = read_echo(fd, total);
+    uint64_t got = read_echo_from(fd, offset, total);
     pthread_join(th, NULL);
     shutdown(fd, SHUT_WR);
-    report(fd, s.sent, got);
+    report(&nm, s.sent, got);
     close(fd);
     return 0;
 }
@@ -660,6 +682,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     int inherited = -1;
+    long offset = 0;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : "";
@@ -670,6 +693,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--port")) g_port = atoi(v), i++;
         else if (!strcmp(a, "--local-port")) g_local_port = atoi(v), i++;
         else if (!strcmp(a, "--fd")) inherited = atoi(v), i++;
+        else if (!strcmp(a, "--offset")) offset = atol(v), i++;
         else if (!strcmp(a, "--partial")) g_partial = 1;
         else if (!strcmp(a, "--dup")) g_dup = 1;
         else if (!strcmp(a, "--threads")) g_threads = 1;
@@ -682,7 +706,7 @@ int main(int argc, char **argv) {
     if (g_conns > 256) g_conns = 256;
     if (!strcmp(argv[1], "server")) return run_server();
     if (!strcmp(argv[1], "client")) return run_client();
-    if (!strcmp(argv[1], "client-fd")) return run_client_fd(inherited);
+    if (!strcmp(argv[1], "client-fd")) return g_continued = 1, run_client_fd(inherited, (uint64_t)offset);
     fprintf(stderr, "tcpprog: unknown role %s\n", argv[1]);
     return 2;
 }

@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Coordinated checkpoint and restart cost, against raw CRIU measured in the same run.
+
+    python bench/bench_checkpoint.py [--broker amqp://guest:guest@localhost/] [--runs 10]
+                                     [--units 1,4,16,64] [--skip-scaling]
+
+Table 1: one single-process C program with 5 MiB of touched memory (examples/counter.c),
+(a) raw ``criu dump`` / ``criu restore`` on the command line, (b) a gridckpt coordinated
+checkpoint and restart with the orchestrator and the agent talking over amqp://, (c) the
+same over memory://; medians of ``--runs`` runs, per stage, like the 2009 table (590 ms to
+checkpoint, 1,665 ms to restart).  Table 2: the coordinated checkpoint of 1, 4, 16 and 64
+units with the app backend (programs that save a few bytes of state): the protocol's cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+from bench_criu_raw import raw_cli  # noqa: E402
+
+from nodeagent.daemon import NodeAgent  # noqa: E402
+from orchestrator.bus import open_bus  # noqa: E402
+from orchestrator.daemon import Orchestrator  # noqa: E402
+from orchestrator.jobspec import parse_job  # noqa: E402
+from orchestrator.store import Store  # noqa: E402
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+class Embedded:
+    """An orchestrator and one agent in this process, on separate bus connections."""
+
+    def __init__(self, url: str, store: Path) -> None:
+        self.url = url
+        self.store = Store(store)
+
+    async def __aenter__(self) -> "Embedded":
+        self.obus, self.abus = open_bus(self.url), open_bus(self.url)
+        await self.obus.connect()
+        await self.abus.connect()
+        self.orch = Orchestrator(self.obus, self.store, heartbeat_interval=0.5)
+        self.agent = NodeAgent(self.abus, self.store, "bench", "b", heartbeat_interval=0.5)
+        await self.orch.start()
+        await self.agent.start()
+        while not self.orch.live_agents():
+            await asyncio.sleep(0.01)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.agent.stop(kill_units=True)
+        await self.orch.stop()
+        await self.abus.close()
+        await self.obus.close()
+
+    async def submit(self, spec: dict[str, Any]) -> str:
+        job = (await self.orch.control("submit", {"spec": spec}))["job"]
+        deadline = time.monotonic() + 60
+        while not all(u.state == "running" for u in self.orch.jobs[job].units.values()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("units did not start")
+            await asyncio.sleep(0.02)
+        return job
+
+
+async def gridckpt_runs(url: str, binary: Path, work: Path, runs: int) -> dict[str, list[float]]:
+    """Checkpoint and restart of the 5 MiB counter through gridckpt, per stage."""
+    spec = parse_job({"name": "bench", "stage_timeout": "30s", "units": [{
+        "name": "counter", "checkpointer": "criu",
+        "command": ["sh", "-c", f'exec {binary} 5 "$GRIDCKPT_UNIT_DIR/out" 20']}]}, "bench").to_dict()
+    out: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        out.setdefault(key, []).append(value)
+
+    store = work / f"store-{url.split(':', 1)[0]}"
+    async with Embedded(url, store) as e:
+        job = await e.submit(spec)
+        await asyncio.sleep(0.3)
+        for _ in range(runs):
+            ck = await e.orch.control("checkpoint", {"job": job})
+            add("checkpoint total", ck["total_ms"])
+            for stage, ms in ck["stages_ms"].items():
+                add(f"checkpoint {stage}", ms)
+            unit = e.agent.units[(job, "counter")]
+            for pid in unit.pids():
+                os.kill(pid, signal.SIGKILL)
+            while e.orch.jobs[job].units["counter"].state != "failed":
+                await asyncio.sleep(0.005)
+            rs = await e.orch.control("restart", {"job": job, "checkpoint": ck["checkpoint"]})
+            add("restart total", rs["total_ms"])
+            for stage, ms in rs["stages_ms"].items():
+                add(f"restart {stage}", ms)
+            await asyncio.sleep(0.05)
+    return out
+
+
+async def scaling(url: str, counts: list[int], work: Path, runs: int = 5) -> dict[int, float]:
+    """Median coordinated checkpoint time of N app-level units."""
+    res: dict[int, float] = {}
+    for n in counts:
+        spec = parse_job({"name": f"scale{n}", "stage_timeout": "60s", "units": [
+            {"name": f"u{i}", "checkpointer": "app",
+             "command": ["python3", str(REPO / "examples" / "counter_app.py"), "--interval", "0.05"]}
+            for i in range(n)]}, "scale").to_dict()
+        async with Embedded(url, work / f"store-scale-{n}-{url.split(':', 1)[0]}") as e:
+            job = await e.submit(spec)
+            await asyncio.sleep(1.0 + n * 0.02)  # every program has said HELLO
+            times = []
+            await e.orch.control("checkpoint", {"job": job})  # warm-up
+            for _ in range(runs):
+                times.append((await e.orch.control("checkpoint", {"job": job}))["total_ms"])
+            res[n] = med(times)
+            await e.orch.control("cancel", {"job": job})
+    return res
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    raw = await asyncio.to_thread(raw_cli, args.runs, 5)
+    with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
+        work = Path(tmp)
+        binary = work / "counter"
+        subprocess.run(["gcc", "-O2", "-o", str(binary), str(REPO / "examples" / "counter.c")], check=True)
+        amqp = await gridckpt_runs(args.broker, binary, work, args.runs)
+        mem = await gridckpt_runs("memory://bench", binary, work, args.runs)
+        rdump, rrest = med(raw["dump"]), med(raw["restore"])
+        rows = [["median ms (5 MiB C program)", "raw criu", "gridckpt amqp", "gridckpt memory", "amqp / raw"]]
+        for key in ["checkpoint prepare", "checkpoint stop", "checkpoint checkpoint", "checkpoint resume_cp",
+                    "checkpoint total", "restart rebuild", "restart resume_rst", "restart total"]:
+            base = rdump if key == "checkpoint total" else rrest if key == "restart total" else None
+            rawcol = f"{base:.1f}" if base is not None else "-"
+            ratio = f"{med(amqp[key]) / base:.2f}x" if base else "-"
+            rows.append([key, rawcol, f"{med(amqp[key]):.1f}", f"{med(mem[key]):.1f}", ratio])
+        print(f"\nTable 1: checkpoint and restart, {args.runs} runs each (2009: 590 ms / 1,665 ms)")
+        print(table(rows))
+        if not args.skip_scaling:
+            counts = [int(x) for x in args.units.split(",")]
+            sc = await scaling(args.broker, counts, work)
+            rows = [["units (app backend, amqp)", "checkpoint ms", "vs 1 unit"]]
+            for n in counts:
+                rows.append([str(n), f"{sc[n]:.1f}", f"{sc[n] / sc[counts[0]]:.2f}x"])
+            print("\nTable 2: coordinated checkpoint time by number of units (median of 5)")
+            print(table(rows))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--broker", default=os.environ.get("GRIDCKPT_TEST_BROKER", "amqp://guest:guest@localhost/"))
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--units", default="1,4,16,64")
+    ap.add_argument("--skip-scaling", action="store_true")
+    return asyncio.run(main_async(ap.parse_args()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
