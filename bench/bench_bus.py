@@ -13,6 +13,9 @@
    confirm per envelope; each event still decoded, deduped, handled one by one): that is the
    "amqp://" row.  The "amqp:// unbatched" row is the same test with ``batching=False`` (one
    AMQP message and one confirm per event), for comparison.
+
+Run it on a virtual host without a live orchestrator (its events would reach the
+orchestrator's ``events.#`` queue); the benchmark refuses one that has it, unless ``--force``.
 """
 
 from __future__ import annotations

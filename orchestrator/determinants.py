@@ -54,10 +54,9 @@ class DeterminantSink:
     async def ingest(self, msg: dict[str, Any]) -> int:
         """Append one batch; return how many records were new."""
         try:
-            records = msgpack.unpackb(msg["batch"], raw=False)
-            if not isinstance(records, list):
+            records = msgpack.unpackb(msg["batch"], raw=False, use_list=False)
+            if not isinstance(records, tuple):
                 raise ValueError("batch is not a list")
-            records = [tuple(r) for r in records]
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise BadBatch(f"determinants batch of {msg.get('unit')}: {exc}") from None
         if len(records) != msg["count"]:
@@ -65,7 +64,7 @@ class DeterminantSink:
         return await asyncio.to_thread(self._ingest, msg["job"], msg["unit"], msg.get("source") or "", msg["first"],
                                        records)
 
-    def _ingest(self, job: str, unit: str, source: str, first: int, records: list[tuple]) -> int:
+    def _ingest(self, job: str, unit: str, source: str, first: int, records: tuple) -> int:
         dl = self.log_of(job)
         with self._lock:
             marks = self._marks[job]

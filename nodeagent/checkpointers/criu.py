@@ -93,7 +93,7 @@ class CriuCheckpointer(Checkpointer):
         self._hashes = Sha256Cache()
         self._cpuinfo: bytes | None = None
         self._init_of: dict[int, int] = {}        # unit root (unshare) -> namespace init
-        self._cpus_ok: set[bytes] = {b""}         # cpuinfo images this node can run
+        self._cpus_ok: set[bytes] = set()         # other cpuinfo images this node can run
         self._tree_size: dict[int, int] = {}      # restored root -> processes in its image
         self._exits: dict[int, asyncio.Future[int | None]] = {}
 
@@ -254,7 +254,7 @@ class CriuCheckpointer(Checkpointer):
         root = unit.root_pid
         if root is None:
             raise CheckpointError(f"unit {unit.name} was not rebuilt")
-        pids = [root] if self._tree_size.get(root) == 1 else await asyncio.to_thread(tree_pids, root)
+        pids = [root] if self._tree_size.pop(root, 0) == 1 else await asyncio.to_thread(tree_pids, root)
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGCONT)
