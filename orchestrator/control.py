@@ -76,7 +76,7 @@ async def call(broker: str, store: Path | None, op: str, args: dict[str, Any], t
     if broker.startswith("memory://"):
         reply = await _call_unix(store, op, args, timeout)
     else:
-        bus = open_bus(broker)
+        bus = open_bus(broker, connect_timeout=5)
         try:
             await bus.connect()
             msg = protocol.make("control", op=op, args=args)

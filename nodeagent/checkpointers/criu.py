@@ -245,7 +245,8 @@ class CriuCheckpointer(Checkpointer):
             pid = int(pidfile.read_text())
         finally:
             pidfile.unlink(missing_ok=True)
-        os.unlink(self.runner.log_path(f"restore-{tag}.log"))
+        for leftover in (f"restore-{tag}.log", f"restore-{tag}.log.stderr"):
+            self.runner.log_path(leftover).unlink(missing_ok=True)
         unit.root_pid = pid
         self._tree_size[pid] = len(meta["pids"])
         self._watch(pid)
