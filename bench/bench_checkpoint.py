@@ -33,6 +33,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_criu_raw import raw_cli  # noqa: E402
 
+from benchenv import bench_broker  # noqa: E402
 from nodeagent.daemon import NodeAgent  # noqa: E402
 from orchestrator.bus import open_bus  # noqa: E402
 from orchestrator.daemon import Orchestrator  # noqa: E402
@@ -169,11 +170,13 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--broker", default=os.environ.get("GRIDCKPT_TEST_BROKER", "amqp://guest:guest@localhost/"))
+    ap.add_argument("--broker", default=None, help="amqp URL (default: the local broker's gridckpt-bench vhost)")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--units", default="1,4,16,64")
     ap.add_argument("--skip-scaling", action="store_true")
-    return asyncio.run(main_async(ap.parse_args()))
+    args = ap.parse_args()
+    args.broker = bench_broker(args.broker)
+    return asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,11 @@ restore with ``--restore-sibling`` so the restored tree outlives criu, and both 
 to the caller (``--manage-cgroups=ignore``: a restored tree must not land in a frozen cgroup).  Times are wall clock
 around the whole call, criu's fork/exec included.
 
-Importable: ``raw_cli(runs, megabytes)`` and ``backend(runs, megabytes)`` return per-stage
-lists of milliseconds; ``table(results)`` formats them.  Needs root, CRIU 4.x and gcc.
+Raw and backend runs alternate on the same process so that both see the same machine load.
+Importable: ``compare(runs, megabytes)`` returns {column: {stage: [ms per run]}}; the single
+measurements (``raw_dump``, ``raw_restore``, ``backend_checkpoint``, ``backend_restart``), the
+``BenchUnit`` launcher and ``table(results)`` can be reused to add columns.  Needs root,
+CRIU 4.x and gcc.
 """
 
 from __future__ import annotations
@@ -118,92 +121,87 @@ def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def raw_cli(runs: int = 10, megabytes: int = 5) -> dict[str, list[float]]:
-    """Raw ``criu dump`` and ``criu restore`` on the command line; milliseconds per run."""
+def raw_dump(criu: str, unit: BenchUnit, images: Path, work: Path) -> tuple[float, dict[Path, int]]:
+    """One raw ``criu dump`` of the frozen unit; (ms, sizes of its output files)."""
+    images.mkdir()
+    sizes = {p: p.stat().st_size for p in (unit.unit_dir / "stdout", unit.unit_dir / "out")}
+    t = time.perf_counter()
+    subprocess.run([criu, "dump", "-t", str(unit.init_pid()), "-D", str(images), "--leave-running",
+                    "--freeze-cgroup", str(unit.freezer_path), "--manage-cgroups=ignore",
+                    "-W", str(work), "-o", "dump.log"], check=True)
+    return _ms(t), sizes
+
+
+def raw_restore(criu: str, images: Path, sizes: dict[Path, int], work: Path) -> float:
+    """One raw ``criu restore`` (output files cut back first, untimed); the tree is then killed."""
+    for path, size in sizes.items():
+        os.truncate(path, size)
+    pidfile = work / "restored.pid"
+    t = time.perf_counter()
+    subprocess.run([criu, "restore", "-D", str(images), "--restore-detached", "--restore-sibling",
+                    "--manage-cgroups=ignore", "--pidfile", str(pidfile), "-W", str(work),
+                    "-o", "restore.log"], check=True)
+    ms = _ms(t)
+    pid = int(pidfile.read_text())
+    pidfile.unlink()
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return ms
+
+
+async def backend_checkpoint(ckpt: CriuCheckpointer, unit: BenchUnit, images: Path) -> float:
+    """The backend's checkpoint stage on the frozen unit, in ms."""
+    t = time.perf_counter()
+    await ckpt.checkpoint(unit, images)
+    return _ms(t)
+
+
+async def backend_restart(ckpt: CriuCheckpointer, unit: BenchUnit, images: Path) -> tuple[float, float]:
+    """rebuild and resume_rst (ms each); the restored tree is then killed."""
+    t = time.perf_counter()
+    await ckpt.rebuild(unit, images)
+    t1 = time.perf_counter()
+    await ckpt.resume_rst(unit)
+    t2 = time.perf_counter()
+    pid = unit.root_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    await ckpt.wait_exit(pid)
+    return (t1 - t) * 1000, (t2 - t1) * 1000
+
+
+async def compare(runs: int = 10, megabytes: int = 5) -> dict[str, dict[str, list[float]]]:
+    """Raw CLI and backend, interleaved run by run on one process (same load for both)."""
     criu = find_criu()
-    out: dict[str, list[float]] = {"dump": [], "restore": []}
-    with tempfile.TemporaryDirectory(prefix="bench-criu-raw-") as tmp:
-        work = Path(tmp)
-        binary = build_counter(work)
-        unit = BenchUnit("bench", "raw", work / "unit")
-        argv = [str(binary), str(megabytes), str(unit.unit_dir / "out"), "20"]
-        unit.start(CriuCheckpointer(work_dir=work).plan_launch(unit, argv).argv)   # same wrapping
-        try:
-            _wait_output(unit)
-            dumps = []
-            for i in range(runs):
-                images = work / f"img{i}"
-                images.mkdir()
-                unit.freeze()
-                sizes = {p: p.stat().st_size for p in (unit.unit_dir / "stdout", unit.unit_dir / "out")}
-                t = time.perf_counter()
-                subprocess.run([criu, "dump", "-t", str(unit.init_pid()), "-D", str(images),
-                                "--leave-running", "--freeze-cgroup", unit.freezer_path,
-                                "--manage-cgroups=ignore",
-                                "-W", str(work), "-o", "dump.log"], check=True)
-                out["dump"].append(_ms(t))
-                unit.thaw()
-                dumps.append((images, sizes))
-                time.sleep(0.03)
-        finally:
-            unit.kill_launched()
-        images, sizes = dumps[-1]           # restore the newest image, `runs` times
-        for _ in range(runs):
-            for path, size in sizes.items():
-                os.truncate(path, size)
-            pidfile = work / "restored.pid"
-            t = time.perf_counter()
-            subprocess.run([criu, "restore", "-D", str(images), "--restore-detached",
-                            "--manage-cgroups=ignore",
-                            "--restore-sibling", "--pidfile", str(pidfile), "-W", str(work),
-                            "-o", "restore.log"],
-                           check=True)
-            out["restore"].append(_ms(t))
-            pid = int(pidfile.read_text())
-            pidfile.unlink()
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-    return out
-
-
-async def backend(runs: int = 10, megabytes: int = 5) -> dict[str, list[float]]:
-    """CriuCheckpointer's checkpoint stage and rebuild + resume_rst; milliseconds per run."""
-    out: dict[str, list[float]] = {"checkpoint": [], "rebuild": [], "resume_rst": [], "restart": []}
-    with tempfile.TemporaryDirectory(prefix="bench-criu-backend-") as tmp:
+    raw: dict[str, list[float]] = {"dump": [], "restore": []}
+    ours: dict[str, list[float]] = {"checkpoint": [], "rebuild": [], "resume_rst": [], "restart": []}
+    with tempfile.TemporaryDirectory(prefix="bench-criu-") as tmp:
         work = Path(tmp)
         binary = build_counter(work)
         ckpt = CriuCheckpointer(work_dir=work / "criu")
-        unit = BenchUnit("bench", "backend", work / "unit")
+        unit = BenchUnit("bench", "counter", work / "unit")
         unit.start(ckpt.plan_launch(unit, [str(binary), str(megabytes), str(unit.unit_dir / "out"), "20"]).argv)
         try:
             _wait_output(unit)
-            await ckpt.prepare(unit, work / "warm")        # the prepare stage: CPU description
-            images_list = []
+            await ckpt.prepare(unit, work / "unused")     # the prepare stage: CPU description
             for i in range(runs):
-                images = work / f"img{i}"
                 unit.freeze()
-                t = time.perf_counter()
-                await ckpt.checkpoint(unit, images)
-                out["checkpoint"].append(_ms(t))
+                ours["checkpoint"].append(await backend_checkpoint(ckpt, unit, work / f"ours{i}"))
+                ms, sizes = raw_dump(criu, unit, work / f"raw{i}", work)
+                raw["dump"].append(ms)
                 unit.thaw()
-                images_list.append(images)
                 await asyncio.sleep(0.03)
         finally:
             unit.kill_launched()
-        for _ in range(runs):               # the newest image, `runs` times
-            images = images_list[-1]
-            t = time.perf_counter()
-            await ckpt.rebuild(unit, images)
-            t1 = time.perf_counter()
-            await ckpt.resume_rst(unit)
-            t2 = time.perf_counter()
-            out["rebuild"].append((t1 - t) * 1000)
-            out["resume_rst"].append((t2 - t1) * 1000)
-            out["restart"].append((t2 - t) * 1000)
-            pid = unit.root_pid
-            os.kill(pid, signal.SIGKILL)
-            await ckpt.wait_exit(pid)
-    return out
+        # the newest pair, `runs` times; the backend's image is the older one of the pair,
+        # so the raw restore's cut-back never leaves files shorter than the backend expects
+        for _ in range(runs):
+            raw["restore"].append(raw_restore(criu, work / f"raw{runs - 1}", sizes, work))
+            rebuild, resume = await backend_restart(ckpt, unit, work / f"ours{runs - 1}")
+            ours["rebuild"].append(rebuild)
+            ours["resume_rst"].append(resume)
+            ours["restart"].append(rebuild + resume)
+    return {"raw criu": raw, "backend": ours}
 
 
 def table(results: dict[str, dict[str, list[float]]]) -> str:
@@ -223,9 +221,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.runs < 1 or args.megabytes < 0:
         parser.error("--runs must be >= 1 and --megabytes >= 0")
-    raw = raw_cli(args.runs, args.megabytes)
-    ours = asyncio.run(backend(args.runs, args.megabytes))
-    print(table({"raw criu": raw, "backend": ours}))
+    results = asyncio.run(compare(args.runs, args.megabytes))
+    raw, ours = results["raw criu"], results["backend"]
+    print(table(results))
     dump, restore = statistics.median(raw["dump"]), statistics.median(raw["restore"])
     print(f"\ncheckpoint stage / raw dump: {statistics.median(ours['checkpoint']) / dump:.2f}x"
           f"   restart (rebuild+resume_rst) / raw restore: {statistics.median(ours['restart']) / restore:.2f}x")

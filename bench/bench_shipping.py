@@ -23,8 +23,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from interpose.reader import KIND_HEADER, KIND_SEND, REC_MAGIC, _FMT, read_records  # noqa: E402
+from benchenv import bench_broker  # noqa: E402
 from nodeagent.shipper import Shipper  # noqa: E402
 from orchestrator.bus import open_bus  # noqa: E402
 from orchestrator.daemon import Orchestrator  # noqa: E402
@@ -127,9 +129,11 @@ def main() -> int:
             pass
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--broker", default=os.environ.get("GRIDCKPT_TEST_BROKER", "amqp://guest:guest@localhost/"))
+    ap.add_argument("--broker", default=None, help="amqp URL (default: the local broker's gridckpt-bench vhost)")
     ap.add_argument("--records", type=int, default=1_000_000)
-    return asyncio.run(main_async(ap.parse_args()))
+    args = ap.parse_args()
+    args.broker = bench_broker(args.broker)
+    return asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from .checkpointers.base import CheckpointError
 from .checkpointers.registry import capabilities
 from .shipper import Shipper, ensure_shim_dir
 from .stages import UnitStageRunner
+from .freezer import sweep_empty_cgroups
 from .units import Unit, become_subreaper
 
 log = logging.getLogger("gridckpt.agent")
@@ -97,6 +98,7 @@ class NodeAgent:
     async def start(self) -> None:
         """Adopt units left running, consume commands, register, start heartbeating."""
         become_subreaper()
+        await asyncio.to_thread(sweep_empty_cgroups, 60.0)
         await self._adopt_previous_units()
         self._consumer = await self.bus.consume(self.queue_name, [protocol.agent_key(self.site, self.node)],
                                                 self._on_command, kind="exclusive", prefetch=256)
@@ -124,6 +126,7 @@ class NodeAgent:
         if kill_units:
             for unit in list(self.units.values()):
                 await unit.close()
+                await self.runner.release(unit)
         event(log, "agent stopped", node=self.node)
 
     async def _emit(self, key: str, type_: str, **fields: Any) -> None:
@@ -194,9 +197,11 @@ class NodeAgent:
             await self._stage(msg)
 
     def _new_unit(self, job: str, name: str, spec: dict[str, Any]) -> Unit:
-        old = self.units.pop((job, name), None)
+        old = self.units.get((job, name))
         if old is not None and not old.ended:
             raise CheckpointError(f"unit {name} is still running here (pid {old.root_pid})")
+        if old is not None:
+            self._forget(old)
         unit = Unit(job, name, spec, self.store.unit_dir(job, name), cwd=spec.get("cwd") or spec.get("base_dir") or None,
                     on_state=self._on_unit_state)
         if spec.get("interpose") or spec.get("protocol") == "independent":
@@ -248,6 +253,16 @@ class NodeAgent:
             q = self._queues[key] = asyncio.Queue()
             self._workers[key] = asyncio.create_task(self._unit_worker(key, q))
         q.put_nowait(msg)
+
+    def _forget(self, unit: Unit) -> None:
+        """Drop an ended unit: its backend closes what it held for it (the app socket)."""
+        self.units.pop((unit.job, unit.name), None)
+        self._spawn(self.runner.release(unit))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _set_interval(self, unit: Unit, interval: int) -> None:
         """Stamp the unit's next determinants with ``interval`` (a unit under the shim only)."""

@@ -26,7 +26,8 @@ Line protocol (version 1)
 
   An unknown request is answered ``ERROR unknown request <WORD>``.  Every request has a
   deadline (``timeout``, 30 s by default); no answer in time fails the stage, which aborts the
-  checkpoint.  A program may open several connections (one per process of its tree); then
+  checkpoint.  The program still answers, late; the agent discards that one owed answer, so
+  both sides stay in step.  A program may open several connections (one per process of its tree); then
   every request goes to every connection and all must answer.
 * On restart the agent starts the unit's command afresh with ``GRIDCKPT_RESTORE=<dir>`` (the
   committed images directory, read-only: copy what you want to change) in the environment,

@@ -17,12 +17,13 @@ by side.  No mount namespace (CRIU would then have to handle mounts).  ``--kill-
 the unit die with its ``unshare`` parent.  CRIU restores that parent-death signal, and after
 a restore the parent is the agent: a restored unit dies with the agent process, and the
 restore must run on a long-lived thread (criu is spawned by the event loop's thread, which
-lives as long as the agent).
+lives as long as the agent; posix_spawn + pidfd, see criu_cli.spawn_and_wait).
 
 Checkpoint (the tree is frozen by the agent).  Concurrently: ``criu dump`` of the namespace
 init; a scan of /proc recording every regular file the tree holds open (size, whether it is
-written, with O_APPEND or in place) and every file mapped into it (the program, libraries, an
-LD_PRELOADed shim: path, size, mtime, sha256 cached per inode); this node's CPU description
+written, with O_APPEND or in place) and every file mapped privately into it (the program,
+libraries, an LD_PRELOADed shim: path, size, mtime, sha256 cached per inode; read-only shared
+mappings such as a control page are left alone); this node's CPU description
 (``criu cpuinfo dump``, cached per boot) copied as cpuinfo.img.  The scan is written to
 ``gridckpt-criu.json`` in the images directory.
 
@@ -33,9 +34,11 @@ at the end of the file) are rolled back by truncating to the checkpointed size; 
 seeked back (in-place updates) and writable shared mappings get a copy of the file in the
 images (``gridckpt-files/``, up to ``snapshot_limit`` bytes) which is copied back at restart.
 Read-only files must be unchanged (CRIU refuses sizes that differ).  This covers every regular
-file the tree holds open at the checkpoint, in the unit dir or not; files written and closed
-before the checkpoint are not tracked.  The old tree must be dead before a restart (the agent
-kills it), or the rollback would cut under it.
+file the tree holds open at the checkpoint, in the unit dir or not (the shim's determinant logs
+too: records of the undone interval are cut away); files written and closed before the
+checkpoint are not tracked, and a file bigger than ``snapshot_limit`` is only truncated.
+The old tree must be dead before a restart (the agent kills it), or the rollback would cut
+under it.
 
 Restart.  check_restorable refuses, naming what differs: a CPU lacking features
 (cpuinfo.img compared with this node's, ``criu cpuinfo check`` when they differ), a mapped
@@ -50,10 +53,13 @@ resume_rst sends SIGCONT to every process of the tree.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import hashlib
 import json
 import os
 import shutil
 import signal
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -117,7 +123,7 @@ class CriuCheckpointer(Checkpointer):
             args += ["--freeze-cgroup", unit.freezer_path]
         log = f"dump-{_safe(unit.job)}-{_safe(unit.name)}.log"
         results = await asyncio.gather(
-            self.runner.run(f"criu dump of unit {unit.name}", args, log),
+            self._dump_in_cwd(root, f"criu dump of unit {unit.name}", args, log),
             asyncio.to_thread(self._scan, root, images),
             self._node_cpuinfo(),
             return_exceptions=True)
@@ -131,6 +137,33 @@ class CriuCheckpointer(Checkpointer):
         meta = {"version": META_VERSION, "node": os.uname().nodename, "root_pid": root,
                 "criu": self.runner.criu, **tree.as_dict()}
         await asyncio.to_thread(self._write_meta, images, meta, cpuinfo)
+
+    async def _dump_in_cwd(self, root: int, what: str, args: list[str], log: str) -> None:
+        """Run a dump holding a lock on the unit's working directory.
+
+        The process whose /proc is not its PID namespace's (our units: no mount namespace)
+        makes CRIU's parasite mount a procfs at ``<cwd>/proc.crtools``; two dumps of units
+        sharing a cwd (units of one job file, on one or several agents of a host) would
+        collide there (EEXIST).  A per-cwd flock serialises just those dumps.
+        """
+        try:
+            cwd = await asyncio.to_thread(os.readlink, f"/proc/{root}/cwd")
+        except OSError:
+            cwd = ""
+        if not cwd:
+            return await self.runner.run(what, args, log)
+        lock_dir = Path(tempfile.gettempdir()) / "gridckpt-criu-locks"
+        lock_dir.mkdir(exist_ok=True)
+        fd = os.open(lock_dir / (hashlib.sha1(cwd.encode()).hexdigest()[:20] + ".lock"),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            await self.runner.run(what, args, log)
+        finally:
+            os.close(fd)
 
     def _dump_root(self, unit: UnitProcess) -> int:
         """The init of the unit's PID namespace (a child of ``unshare``, or the root itself)."""

@@ -46,7 +46,7 @@ class OpenFile:
 
 @dataclass
 class MappedFile:
-    """An executable, library or other file mapped into some process of the tree."""
+    """An executable, library or other file mapped privately into some process of the tree."""
 
     path: str
     size: int
@@ -187,9 +187,13 @@ def _scan_maps(pid: int, mapped: set[str], shared_writable: set[str]) -> None:
         path = parts[5].rstrip("\n")
         if not path.startswith("/") or path.endswith(_DELETED):
             continue
-        mapped.add(path)
-        if "w" in parts[1] and "s" in parts[1]:
-            shared_writable.add(path)
+        perms = parts[1]
+        if "s" not in perms:
+            mapped.add(path)            # program, libraries, private file mappings
+        elif "w" in perms:
+            shared_writable.add(path)   # its contents live in the file: copied at checkpoint
+        # read-only shared mappings (e.g. a control page another process updates) are
+        # neither binaries nor written by the tree: CRIU maps them again by path
 
 
 def inspect_tree(root: int, hashes: Sha256Cache) -> TreeFiles:
@@ -201,7 +205,7 @@ def inspect_tree(root: int, hashes: Sha256Cache) -> TreeFiles:
     for pid in pids:
         _scan_fds(pid, tree.files)
         _scan_maps(pid, mapped, shared_writable)
-    for path in sorted(mapped):
+    for path in sorted(mapped | shared_writable):
         try:
             st = os.stat(path)
         except OSError:
@@ -211,8 +215,8 @@ def inspect_tree(root: int, hashes: Sha256Cache) -> TreeFiles:
         if path in shared_writable:
             entry = tree.files.setdefault(path, OpenFile(path, st.st_size, st.st_mtime_ns))
             entry.write = entry.shared_map = True
-            continue
-        tree.mapped[path] = MappedFile(path, st.st_size, st.st_mtime_ns, hashes.digest(path, st))
+        if path in mapped:
+            tree.mapped[path] = MappedFile(path, st.st_size, st.st_mtime_ns, hashes.digest(path, st))
     return tree
 
 
