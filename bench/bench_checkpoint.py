@@ -31,7 +31,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from bench_criu_raw import raw_cli  # noqa: E402
+from bench_criu_raw import compare  # noqa: E402
 
 from benchenv import bench_broker  # noqa: E402
 from nodeagent.daemon import NodeAgent  # noqa: E402
@@ -140,7 +140,8 @@ def table(rows: list[list[str]]) -> str:
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    raw = await asyncio.to_thread(raw_cli, args.runs, 5)
+    both = await compare(args.runs, 5)  # raw criu and the backend alone, interleaved
+    raw, backend = both["raw criu"], both["backend"]
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
         work = Path(tmp)
         binary = work / "counter"
@@ -148,13 +149,18 @@ async def main_async(args: argparse.Namespace) -> int:
         amqp = await gridckpt_runs(args.broker, binary, work, args.runs)
         mem = await gridckpt_runs("memory://bench", binary, work, args.runs)
         rdump, rrest = med(raw["dump"]), med(raw["restore"])
-        rows = [["median ms (5 MiB C program)", "raw criu", "gridckpt amqp", "gridckpt memory", "amqp / raw"]]
+        alone = {"checkpoint checkpoint": backend["checkpoint"], "restart rebuild": backend["rebuild"],
+                 "restart resume_rst": backend["resume_rst"]}
+        rows = [["median ms (5 MiB C program)", "raw criu", "backend alone", "gridckpt amqp", "gridckpt memory",
+                 "amqp / raw", "memory / raw"]]
         for key in ["checkpoint prepare", "checkpoint stop", "checkpoint checkpoint", "checkpoint resume_cp",
                     "checkpoint total", "restart rebuild", "restart resume_rst", "restart total"]:
             base = rdump if key == "checkpoint total" else rrest if key == "restart total" else None
             rawcol = f"{base:.1f}" if base is not None else "-"
             ratio = f"{med(amqp[key]) / base:.2f}x" if base else "-"
-            rows.append([key, rawcol, f"{med(amqp[key]):.1f}", f"{med(mem[key]):.1f}", ratio])
+            mratio = f"{med(mem[key]) / base:.2f}x" if base else "-"
+            rows.append([key, rawcol, f"{med(alone[key]):.1f}" if key in alone else "-", f"{med(amqp[key]):.1f}",
+                         f"{med(mem[key]):.1f}", ratio, mratio])
         print(f"\nTable 1: checkpoint and restart, {args.runs} runs each (2009: 590 ms / 1,665 ms)")
         print(table(rows))
         if not args.skip_scaling:

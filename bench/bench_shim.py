@@ -47,18 +47,28 @@ def measure(name: str, cmd: list[str], reps: int, shim_env: dict, plain_env: dic
             store.append(run(cmd, env))
             for f in logdir.glob("det.*.log"):  # keep the disk footprint flat between runs
                 f.unlink()
-    b, s = statistics.median(base), statistics.median(shim)
+    # Best-of-N: on a shared machine the other tenants only ever add time, so the best run
+    # of each variant is the least disturbed one.  Medians are reported alongside.
+    best = max if higher_is_better else min
+    b, s = best(base), best(shim)
     overhead = (b / s - 1) if higher_is_better else (s / b - 1)
+    mb, ms = statistics.median(base), statistics.median(shim)
+    med_overhead = (mb / ms - 1) if higher_is_better else (ms / mb - 1)
     return {"bench": name, "without": b, "with": s, "overhead_pct": 100 * overhead,
+            "median_without": mb, "median_with": ms, "median_overhead_pct": 100 * med_overhead,
             "unit": "MiB/s" if higher_is_better else "ns", "runs": reps}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=11, help="runs per variant (median is reported)")
+    ap.add_argument("--reps", type=int, default=15, help="runs per variant")
     ap.add_argument("--quick", action="store_true", help="short runs (smoke test)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--cpu", type=int, default=os.cpu_count() - 1,
+                    help="pin both ends to this CPU (default: the last one); -1: do not pin")
     args = ap.parse_args(argv)
+    if args.cpu is not None and args.cpu < 0:
+        args.cpu = None
     with tempfile.TemporaryDirectory(prefix="gridckpt-bench-") as tmp_s:
         tmp = Path(tmp_s)
         prog = build(tmp)
@@ -66,15 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         logdir.mkdir()
         ControlPage(tmp / "control").close()
         plain = {k: v for k, v in os.environ.items() if not k.startswith("GRIDCKPT_") and k != "LD_PRELOAD"}
+        if args.cpu is not None:
+            plain["BENCH_CPU"] = str(args.cpu)
         shim = interpose.shim_env("bench", logdir, tmp / "control", base=plain)
         data = tmp / "data.bin"
         data.write_bytes(os.urandom(1 << 20))
         scale = 10 if args.quick else 1
         rows = [
-            measure("tcp ping-pong 1 B round trip", [prog, "pingpong", str(100000 // scale)], args.reps, shim, plain,
+            measure("tcp ping-pong 1 B round trip", [prog, "pingpong", str(30000 // scale)], args.reps, shim, plain,
                     False, logdir),
-            measure("tcp bulk 64 KiB writes", [prog, "bulk", str(4000 // scale)], args.reps, shim, plain, True, logdir),
-            measure("file reads 4 KiB (non-socket)", [prog, "fileread", str(data), str(3000000 // scale)], args.reps,
+            measure("tcp bulk 64 KiB writes", [prog, "bulk", str(2000 // scale)], args.reps, shim, plain, True, logdir),
+            measure("file reads 4 KiB (non-socket)", [prog, "fileread", str(data), str(2000000 // scale)], args.reps,
                     shim, plain, False, logdir),
         ]
     targets = {"tcp ping-pong 1 B round trip": 3.0, "tcp bulk 64 KiB writes": 1.0, "file reads 4 KiB (non-socket)": 1.0}
@@ -84,11 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(f"{'benchmark':32} {'without':>12} {'with shim':>12} {'ratio':>8} {'overhead':>9} {'target':>7}")
+        print(f"{'benchmark':32} {'without':>10} {'with shim':>10} {'ratio':>7} {'overhead':>9} {'target':>7}"
+              f" {'median w/o':>11} {'median w/':>10} {'med ovh':>8}")
         for r in rows:
-            print(f"{r['bench']:32} {r['without']:>10.1f}{'':2} {r['with']:>10.1f}{'':2} {r['ratio']:>8.4f} "
-                  f"{r['overhead_pct']:>8.2f}% {r['target_pct']:>6.1f}%")
-        print(f"(medians of {args.reps} interleaved runs; ping-pong and file reads in ns per operation, bulk in MiB/s)")
+            print(f"{r['bench']:32} {r['without']:>10.1f} {r['with']:>10.1f} {r['ratio']:>7.4f} "
+                  f"{r['overhead_pct']:>8.2f}% {r['target_pct']:>6.1f}% {r['median_without']:>11.1f}"
+                  f" {r['median_with']:>10.1f} {r['median_overhead_pct']:>7.2f}%")
+        print(f"(best of {args.reps} interleaved runs per variant, medians alongside; ping-pong and file reads"
+              " in ns per operation, bulk in MiB/s)")
     return 0
 
 

@@ -185,7 +185,7 @@ def test_orchestrator_killed_mid_checkpoint_and_restarted(cluster: Cluster, tmp_
     _start(cluster)
     job = cluster.submit(_three_units(tmp_path, a_extra='callbacks = { pre_checkpoint = ["sleep", "1.5"] }'))
     cluster.wait_status(job, _running)
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "checkpoint", job, "--timeout", "20"],
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "checkpoint", job, "--timeout", "4"],
                             env=cluster.env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(0.7)
     cluster.stop("orchestrator", signal.SIGKILL)

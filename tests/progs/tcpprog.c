@@ -507,7 +507,8 @@ static void client_blocking_one(void) {
     if (g_dup) { /* write through dup(), read through fcntl(F_DUPFD_CLOEXEC), close the original */
         wfd = dup(fd);
         rfd = fcntl(fd, F_DUPFD_CLOEXEC, 50);
-        int moved = dup2(rfd, 77);
+        static int next_target = 200; /* a distinct dup2 target per connection (threads) */
+        int moved = dup2(rfd, __atomic_fetch_add(&next_target, 1, __ATOMIC_RELAXED));
         close(rfd);
         rfd = moved;
         close(fd);
