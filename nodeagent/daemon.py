@@ -54,6 +54,7 @@ class NodeAgent:
         self._consumer: Any = None
         self._hb_task: asyncio.Task | None = None
         self._watchdogs: dict[tuple[str, str, str], asyncio.Task] = {}
+        self._save_task: asyncio.Task | None = None
 
     @property
     def queue_name(self) -> str:
@@ -64,6 +65,14 @@ class NodeAgent:
     def state_file(self) -> Path:
         """Where this agent remembers its units, to adopt them again after a restart."""
         return self.store.root / "agents" / f"{self.site}.{self.node}.json"
+
+    def _save_soon(self) -> None:
+        """Persist the unit list off the critical path, coalescing bursts of changes."""
+        if self._save_task is None or self._save_task.done():
+            async def save() -> None:
+                await asyncio.sleep(0.05)
+                await asyncio.to_thread(self._save_units)
+            self._save_task = asyncio.create_task(save())
 
     def _save_units(self) -> None:
         rows = [{"job": u.job, "unit": u.name, "spec": u.spec, "pid": u.root_pid, "started": u.started}
@@ -120,6 +129,9 @@ class NodeAgent:
             t.cancel()
         await asyncio.gather(*self._workers.values(), *self._tasks, *self._watchdogs.values(), return_exceptions=True)
         await self.shipper.stop()
+        if self._save_task is not None:
+            await asyncio.gather(self._save_task, return_exceptions=True)
+        await asyncio.to_thread(self._save_units)
         if self._hb_task:
             self._hb_task.cancel()
             await asyncio.gather(self._hb_task, return_exceptions=True)
@@ -155,7 +167,7 @@ class NodeAgent:
         return rep
 
     async def _on_unit_state(self, unit: Unit) -> None:
-        await asyncio.to_thread(self._save_units)
+        self._save_soon()
         await self._emit(protocol.event_key(self.site, self.node), "unit_event", node=self.node,
                          **self._unit_report(unit))
 
