@@ -9,7 +9,8 @@ Table 1: one single-process C program with 5 MiB of touched memory (examples/cou
 checkpoint and restart with the orchestrator and the agent talking over amqp://, (c) the
 same over memory://; medians of ``--runs`` runs, per stage, like the 2009 table (590 ms to
 checkpoint, 1,665 ms to restart).  Table 2: the coordinated checkpoint of 1, 4, 16 and 64
-units with the app backend (programs that save a few bytes of state): the protocol's cost.
+units with the app backend (idle programs that answer at once and save a few bytes of state,
+bench/idle_app.py): the protocol's cost.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ async def scaling(url: str, counts: list[int], work: Path, runs: int = 5) -> dic
     for n in counts:
         spec = parse_job({"name": f"scale{n}", "stage_timeout": "60s", "units": [
             {"name": f"u{i}", "checkpointer": "app",
-             "command": ["python3", str(REPO / "examples" / "counter_app.py"), "--interval", "0.05"]}
+             "command": ["python3", str(HERE / "idle_app.py")]}
             for i in range(n)]}, "scale").to_dict()
         async with Embedded(url, work / f"store-scale-{n}-{url.split(':', 1)[0]}") as e:
             job = await e.submit(spec)

@@ -42,7 +42,7 @@ struct gc_record {
  * stream offsets of the current generation, so forked children and dup'ed fds continue
  * the same counters. */
 #define GC_CTL_MAGIC 0x31304c544b434347ull /* "GCCKTL01" */
-#define GC_CTL_VERSION 1
+#define GC_CTL_VERSION 2
 #define GC_CTL_HEADER 4096
 #define GC_CTL_SLOT_SIZE 128
 #define GC_CTL_NSLOTS 32768
@@ -61,17 +61,18 @@ struct gc_ctl_header {
 #define GC_SLOT_EMPTY 0
 #define GC_SLOT_BUSY 1
 
-struct gc_ctl_slot {
-    uint64_t tag;          /* 0 empty, 1 being claimed, else hash of the key */
+struct gc_ctl_slot {       /* everything a record needs is in the first 64 bytes */
+    uint32_t tag;          /* 0 empty, 1 being claimed, else hash of the key */
     uint32_t gen_count;    /* generations opened so far; current gen = gen_count - 1 */
-    uint32_t family;
+    uint16_t family;       /* 4 or 6 */
+    uint16_t local_port;
+    uint16_t peer_port;
+    uint16_t pad0;
     uint64_t send_off;     /* bytes sent so far on the current generation */
     uint64_t recv_off;     /* bytes received so far */
     uint8_t local[16];
     uint8_t peer[16];
-    uint16_t local_port;
-    uint16_t peer_port;
-    uint8_t pad[128 - 72];
+    uint8_t pad[128 - 64];
 };
 
 #endif

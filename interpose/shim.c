@@ -45,6 +45,7 @@
 
 _Static_assert(sizeof(struct gc_record) == GC_REC_SIZE, "record size");
 _Static_assert(sizeof(struct gc_ctl_slot) == GC_CTL_SLOT_SIZE, "slot size");
+_Static_assert(offsetof(struct gc_ctl_slot, pad) == 64, "hot slot fields fit one cache line");
 
 /* ------------------------------------------------------------------ real functions */
 
@@ -162,18 +163,35 @@ enum { K_UNKNOWN = 0, K_OTHER = 1, K_PENDING = 2, K_CONN = 3 };
 
 enum { LOG_CLOSED = 0, LOG_OPENING = 1, LOG_OPEN = 2, LOG_FAILED = 3 };
 
-static int g_init_state;          /* 0 none, 1 running, 2 done */
-static int g_enabled;             /* GRIDCKPT_SHIM_DIR set and usable */
-static uint64_t *g_fdtab;         /* fd -> entry */
-static unsigned g_fdtab_size;
-static struct gc_ctl_header *g_ctl;
-static struct gc_ctl_slot *g_slots;
-static uint32_t g_nslots;
-static uint32_t g_pid;
-static int g_log_state;
-static int g_log_fd = -1;         /* the shim's own fd, kept high and protected */
-static uint64_t g_next;           /* next record index in this process's log */
-static char *g_segs[MAX_SEGS];
+/* The globals every hooked call reads share one cache line; the record counter, written
+ * for every record, has a line of its own (no false sharing with the read-mostly ones). */
+static struct {
+    int init_state;               /* 0 none, 1 running, 2 done */
+    int enabled;                  /* GRIDCKPT_SHIM_DIR set and usable */
+    unsigned fdtab_size;
+    int log_state;
+    uint64_t *fdtab;              /* fd -> entry */
+    struct gc_ctl_header *ctl;
+    struct gc_ctl_slot *slots;
+    uint32_t nslots;
+    uint32_t pid;
+    int log_fd;                   /* the shim's own fd, kept high and protected */
+} g_hot __attribute__((aligned(64))) = {.log_fd = -1};
+static struct {
+    uint64_t next; /* next record index in this process's log */
+} g_tail __attribute__((aligned(64)));
+#define g_init_state g_hot.init_state
+#define g_enabled g_hot.enabled
+#define g_fdtab g_hot.fdtab
+#define g_fdtab_size g_hot.fdtab_size
+#define g_ctl g_hot.ctl
+#define g_slots g_hot.slots
+#define g_nslots g_hot.nslots
+#define g_pid g_hot.pid
+#define g_log_state g_hot.log_state
+#define g_log_fd g_hot.log_fd
+#define g_next g_tail.next
+static char *g_segs[MAX_SEGS] __attribute__((aligned(64)));
 static int g_grow_lock;
 static uint64_t g_file_size;
 static uint64_t g_local_lost;
@@ -283,11 +301,24 @@ static void map_control(void) {
     __atomic_compare_exchange_n(&g_ctl->nslots, &z32, GC_CTL_NSLOTS, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
     __atomic_compare_exchange_n(&g_ctl->version, (z32 = 0, &z32), GC_CTL_VERSION, 0, __ATOMIC_ACQ_REL,
                                 __ATOMIC_ACQUIRE);
-    if (__atomic_load_n(&g_ctl->magic, __ATOMIC_ACQUIRE) != GC_CTL_MAGIC) {
+    if (__atomic_load_n(&g_ctl->magic, __ATOMIC_ACQUIRE) != GC_CTL_MAGIC ||
+        __atomic_load_n(&g_ctl->version, __ATOMIC_ACQUIRE) != GC_CTL_VERSION) {
+        /* not our layout: keep the program running, with a control page of its own */
         munmap(p, GC_CTL_SIZE);
         g_ctl = NULL;
-        g_enabled = 0;
-        return;
+        if (path && *path) {
+            p = mmap(NULL, GC_CTL_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+            if (p != MAP_FAILED) {
+                g_ctl = (struct gc_ctl_header *)p;
+                g_ctl->magic = GC_CTL_MAGIC;
+                g_ctl->version = GC_CTL_VERSION;
+                g_ctl->nslots = GC_CTL_NSLOTS;
+            }
+        }
+        if (!g_ctl) {
+            g_enabled = 0;
+            return;
+        }
     }
     g_slots = (struct gc_ctl_slot *)((char *)p + GC_CTL_HEADER);
     g_nslots = GC_CTL_NSLOTS;
@@ -570,14 +601,15 @@ static int probe_tcp(int fd, struct conn_key *key, int check_type) {
     return 1;
 }
 
-static uint64_t key_hash(const struct conn_key *k) {
+static uint32_t key_hash(const struct conn_key *k) {
     const uint8_t *p = (const uint8_t *)k;
     uint64_t h = 1469598103934665603ull;
     for (size_t i = 0; i < sizeof *k; i++) {
         h ^= p[i];
         h *= 1099511628211ull;
     }
-    return h < 2 ? h + 2 : h;
+    uint32_t t = (uint32_t)(h ^ (h >> 32));
+    return t < 2 ? t + 2 : t;
 }
 
 static int key_equal(const struct gc_ctl_slot *s, const struct conn_key *k) {
@@ -587,16 +619,16 @@ static int key_equal(const struct gc_ctl_slot *s, const struct conn_key *k) {
 
 /* Find or claim the control-page slot of an address pair (lock-free open addressing). */
 static int64_t find_slot(const struct conn_key *k) {
-    uint64_t tag = key_hash(k);
+    uint32_t tag = key_hash(k);
     for (uint32_t i = 0; i < g_nslots; i++) {
         uint32_t idx = (uint32_t)((tag + i) % g_nslots);
         struct gc_ctl_slot *s = &g_slots[idx];
         unsigned spins = 0;
         for (;;) {
-            uint64_t t = __atomic_load_n(&s->tag, __ATOMIC_ACQUIRE);
+            uint32_t t = __atomic_load_n(&s->tag, __ATOMIC_ACQUIRE);
             if (t == GC_SLOT_EMPTY) {
                 if (__atomic_compare_exchange_n(&s->tag, &t, GC_SLOT_BUSY, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-                    s->family = k->family;
+                    s->family = (uint16_t)k->family;
                     memcpy(s->local, k->local, 16);
                     memcpy(s->peer, k->peer, 16);
                     s->local_port = k->local_port;
@@ -1163,7 +1195,7 @@ EXPORT int pipe2(int p[2], int flags) {
 /* ------------------------------------------------------------------ hooks: exec */
 
 #define ENV_EXTRA 4
-#define ENV_MAX 4096
+#define ENV_MAX 1024 /* bigger environments are passed through unchanged */
 
 static int env_has(char *const envp[], const char *assignment) {
     const char *eq = strchr(assignment, '=');
@@ -1227,7 +1259,7 @@ static char *const *fix_env(char *const envp[], char **out, size_t cap, char *pr
 
 #define WITH_FIXED_ENV(envp, fixed)     \
     char *env_buf_[ENV_MAX];            \
-    char preload_buf_[8192];            \
+    char preload_buf_[4096];            \
     char *const *fixed = fix_env(envp, env_buf_, ENV_MAX, preload_buf_, sizeof preload_buf_)
 
 EXPORT int execve(const char *path, char *const argv[], char *const envp[]) {

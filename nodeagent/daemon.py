@@ -23,7 +23,7 @@ from interpose.control import ControlPage
 from orchestrator import protocol
 from orchestrator.bus.base import Bus, BusError, Delivery
 from orchestrator.logs import event
-from orchestrator.store import Store, write_json_atomic
+from orchestrator.store import Store, sync_store, write_json_atomic
 
 from .checkpointers.base import CheckpointError
 from .checkpointers.registry import capabilities
@@ -178,10 +178,38 @@ class NodeAgent:
             await self._emit(protocol.REPLIES_KEY, "pong", node=self.node, ping=msg["id"],
                              sent=msg.get("sent") or 0.0)
             return
+        if t == "stages":
+            self._spawn(self._stages(msg))
+            return
         if t not in ("launch", "kill", "stage"):
             event(log, "ignored command", logging.WARNING, type=t)
             return
         self._on_command_local(msg)
+
+    async def _stages(self, msg: dict[str, Any]) -> None:
+        """One stage for several units of this node: run them (each in its unit's order),
+        make a checkpoint batch durable with one sync, answer with one message."""
+        stage = msg["stage"]
+        futs: dict[str, asyncio.Future] = {}
+        loop = asyncio.get_running_loop()
+        for name, args in msg["units"].items():
+            args = dict(args) if isinstance(args, dict) else {}
+            if stage == "checkpoint":
+                args["defer_sync"] = True
+            futs[str(name)] = fut = loop.create_future()
+            self._on_command_local({"type": "stage", "job": msg["job"], "unit": str(name),
+                                    "checkpoint": msg["checkpoint"], "stage": stage, "args": args, "_reply": fut})
+        results = dict(zip(futs, await asyncio.gather(*futs.values())))
+        if stage == "checkpoint" and any(r["ok"] for r in results.values()):
+            try:
+                await asyncio.to_thread(sync_store, self.store.root)
+            except OSError as exc:
+                for r in results.values():
+                    r.update(ok=False, error=f"cannot make the images durable: {exc}")
+        await self._emit(protocol.REPLIES_KEY, "stage_results", job=msg["job"], node=self.node,
+                         checkpoint=msg["checkpoint"], stage=stage,
+                         results={n: {k: v for k, v in r.items() if k in ("ok", "ms", "error", "data")}
+                                  for n, r in results.items()})
 
     async def _unit_worker(self, key: tuple[str, str], q: asyncio.Queue) -> None:
         while True:
@@ -191,6 +219,9 @@ class NodeAgent:
             except Exception as exc:  # a bug must not kill the worker or the daemon
                 log.exception("command %s for %s/%s failed", msg["type"], *key)
                 event(log, "command failed", logging.ERROR, type=msg["type"], job=key[0], unit=key[1], error=str(exc))
+                reply = msg.get("_reply")
+                if reply is not None and not reply.done():
+                    reply.set_result({"ok": False, "ms": 0.0, "error": f"internal error: {exc}", "data": {}})
             finally:
                 q.task_done()
 
@@ -249,8 +280,8 @@ class NodeAgent:
             await asyncio.sleep(delay)
             event(log, "no resume_cp or abort in time: abandoning the checkpoint and thawing", logging.WARNING,
                   job=unit.job, unit=unit.name, checkpoint=ckpt, waited_s=delay)
-            self._on_command_local(protocol.make("stage", job=unit.job, unit=unit.name, checkpoint=ckpt,
-                                                 stage=protocol.ABORT_STAGE, args=dict(args)))
+            self._on_command_local({**protocol.make("stage", job=unit.job, unit=unit.name, checkpoint=ckpt,
+                                                    stage=protocol.ABORT_STAGE, args=dict(args)), "_local": True})
 
         old = self._watchdogs.pop(key, None)
         if old is not None:
@@ -337,4 +368,8 @@ class NodeAgent:
                                   "ok": ok, "ms": float(res.get("ms", 0.0)), "data": data}
         if error:
             fields["error"] = error
-        await self._emit(protocol.REPLIES_KEY, "stage_result", **fields)
+        reply = msg.get("_reply")
+        if reply is not None:
+            reply.set_result(fields)
+        elif not msg.get("_local"):
+            await self._emit(protocol.REPLIES_KEY, "stage_result", **fields)

@@ -150,15 +150,20 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
+def _proc_state(pid: int) -> bytes:
+    """The state letter of /proc/<pid>/stat (b"" if the process is gone): one read, no psutil."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return b""
+    end = data.rfind(b")")
+    return data[end + 2:end + 3] if end >= 0 else b""
+
+
 def alive_pids(pids: list[int]) -> list[int]:
-    out = []
-    for pid in pids:
-        try:
-            if _alive(psutil.Process(pid)):
-                out.append(pid)
-        except psutil.Error:
-            pass
-    return out
+    """The pids that exist and are neither zombie nor dead."""
+    return [pid for pid in pids if _proc_state(pid) not in (b"", b"Z", b"X", b"x")]
 
 
 class Freezer:

@@ -160,7 +160,8 @@ class UnitStageRunner:
                 "stages_ms": dict(ctx["stages_ms"], checkpoint=backend_ms),
                 "command": list(unit.spec.get("command") or [])}
         try:
-            manifest = await asyncio.to_thread(write_manifest, images, meta)
+            # defer_sync: the agent makes a whole batch durable with one syncfs before it answers
+            manifest = await asyncio.to_thread(write_manifest, images, meta, not args.get("defer_sync"))
         except StoreError as e:
             raise CheckpointError(f"checkpoint of {unit.name}: manifest: {e}") from None
         return {"bytes": manifest["bytes"], "files": len(manifest["files"]),

@@ -63,6 +63,16 @@ class Coordinator:
         if fut is not None and not fut.done():
             fut.set_result(msg)
 
+    def on_stage_results(self, msg: dict[str, Any]) -> None:
+        """One agent's answer for all its units of a stage."""
+        for unit, res in msg["results"].items():
+            if not isinstance(res, dict) or not isinstance(res.get("ok"), bool):
+                continue
+            fut = self._waiting.get((msg["checkpoint"], unit, msg["stage"]))
+            if fut is not None and not fut.done():
+                fut.set_result({"unit": unit, "node": msg["node"], "ok": res["ok"], "ms": float(res.get("ms") or 0.0),
+                                "error": str(res.get("error") or ""), "data": res.get("data") or {}})
+
     def agent_lost(self, node: str, job: JobState) -> None:
         """Fail the stages waiting on units of a lost agent at once."""
         for (ckpt, unit_name, stage), fut in self._waiting.items():
@@ -78,9 +88,12 @@ class Coordinator:
         for u in units:
             key = (op_id, u.name, stage)
             futs[u.name] = self._waiting.setdefault(key, loop.create_future())
-        try:
-            await asyncio.gather(*(self.orch.send(u.site, u.node, "stage", job=job.id, unit=u.name, checkpoint=op_id,
-                                                  stage=stage, args=args.get(u.name, {})) for u in units))
+        by_agent: dict[tuple[str, str], dict[str, Any]] = {}
+        for u in units:
+            by_agent.setdefault((u.site, u.node), {})[u.name] = args.get(u.name, {})
+        try:  # one message per agent and stage, whatever the number of its units
+            await asyncio.gather(*(self.orch.send(site, node, "stages", job=job.id, checkpoint=op_id, stage=stage,
+                                                  units=batch) for (site, node), batch in by_agent.items()))
         except BusError as exc:
             self._forget(op_id, units, stage)
             raise StageFailed(f"{stage}: cannot reach an agent ({exc})") from None
@@ -116,7 +129,8 @@ class Coordinator:
         if job.busy:
             raise ControlError(f"job {job.id} is busy ({job.busy} in progress)")
         units = list(job.units.values())
-        not_running = [f"{u.name} ({u.state})" for u in units if u.state != "running"]
+        # "stopped" may be the echo of the previous checkpoint's freeze, still on its way
+        not_running = [f"{u.name} ({u.state})" for u in units if u.state not in ("running", "stopped")]
         if not_running:
             raise ControlError(f"job {job.id}: cannot checkpoint, units not running: {', '.join(not_running)}")
         job.busy = "checkpoint"
@@ -170,6 +184,7 @@ class Coordinator:
                 res = await self._stage_all(job, ckpt_id, "resume_cp", units, args, self._timeout(job))
                 for name, r in res.items():
                     per_unit[name]["stages_ms"]["resume_cp"] = r["ms"]
+                    job.units[name].state = "running"
             except StageFailed as exc:
                 event(log, "resume_cp failed", logging.WARNING, job=job.id, checkpoint=ckpt_id, reason=str(exc))
             stages_ms["resume_cp"] = _ms(t0)
@@ -203,7 +218,7 @@ class Coordinator:
         if job.busy:
             raise ControlError(f"job {job.id} is busy ({job.busy} in progress)")
         unit = job.units[name]
-        if unit.state != "running":
+        if unit.state not in ("running", "stopped"):
             raise ControlError(f"job {job.id}: unit {name} is {unit.state}, not running")
         key = (job.id, name)
         if key in self._unit_busy:

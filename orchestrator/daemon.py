@@ -125,8 +125,8 @@ class Orchestrator:
             return
         for unit in job.units.values():
             try:
-                await self.send(unit.site, unit.node, "stage", job=job_id, unit=unit.name, checkpoint=ckpt_id,
-                                stage=protocol.ABORT_STAGE, args={"seq": seqs.get(unit.name, 0)})
+                await self.send(unit.site, unit.node, "stages", job=job_id, checkpoint=ckpt_id,
+                                stage=protocol.ABORT_STAGE, units={unit.name: {"seq": seqs.get(unit.name, 0)}})
             except BusError:
                 pass  # that agent is gone; its watchdog resumes the unit
 
@@ -175,6 +175,8 @@ class Orchestrator:
             self._apply_unit_report(agent, msg, from_heartbeat=False)
         elif t == "stage_result":
             self.coordinator.on_stage_result(msg)
+        elif t == "stage_results":
+            self.coordinator.on_stage_results(msg)
         elif t == "pong":
             fut = self._pings.pop(msg["ping"], None)
             if fut and not fut.done():

@@ -13,6 +13,8 @@ messages and keep running.
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 import uuid
 from typing import Any
@@ -57,6 +59,8 @@ MESSAGE_TYPES: dict[str, _F] = {
     "stage_result": {"job": (str, True), "unit": (str, True), "node": (str, True),
                      "checkpoint": (str, True), "stage": (str, True), "ok": (bool, True),
                      "ms": (_NUM, True), "error": (str, False), "data": (dict, False)},
+    "stage_results": {"job": (str, True), "node": (str, True), "checkpoint": (str, True),
+                      "stage": (str, True), "results": (dict, True)},
     "pong": {"node": (str, True), "ping": (str, True), "sent": (_NUM, False)},
     # agent -> orchestrator (routing key heartbeat.<site>.<node>)
     "heartbeat": {"node": (str, True), "site": (str, True), "units": (list, True),
@@ -71,6 +75,7 @@ MESSAGE_TYPES: dict[str, _F] = {
     "kill": {"job": (str, True), "unit": (str, True), "signal": (int, False)},
     "stage": {"job": (str, True), "unit": (str, True), "checkpoint": (str, True),
               "stage": (str, True), "args": (dict, False)},
+    "stages": {"job": (str, True), "checkpoint": (str, True), "stage": (str, True), "units": (dict, True)},
     "ping": {"sent": (_NUM, False)},
     # CLI -> orchestrator (routing key orchestrator.control), reply to reply_to
     "control": {"op": (str, True), "args": (dict, True)},
@@ -102,9 +107,22 @@ def determinants_key(site: str, node: str) -> str:
     return f"determinants.{site}.{node}"
 
 
+_ID_PREFIX = uuid.uuid4().hex[:16]  # unique per process; a counter makes each id unique
+_id_counter = itertools.count()
+
+
+def _new_prefix() -> None:
+    global _ID_PREFIX, _id_counter
+    _ID_PREFIX = uuid.uuid4().hex[:16]
+    _id_counter = itertools.count()
+
+
+os.register_at_fork(after_in_child=_new_prefix)
+
+
 def new_id() -> str:
-    """A fresh message id."""
-    return uuid.uuid4().hex
+    """A fresh message id: unique across processes, cheap (no urandom per message)."""
+    return f"{_ID_PREFIX}{next(_id_counter):x}"
 
 
 def make(type_: str, *, id: str | None = None, **fields: Any) -> dict[str, Any]:
@@ -139,7 +157,7 @@ def validate(msg: Any) -> dict[str, Any]:
             raise ProtocolError(f"{type_}: field {name!r} is bool, expected {_tname(types)}")
         if not isinstance(value, types) and not (value is None and not required):
             raise ProtocolError(f"{type_}: field {name!r} is {type(value).__name__}, expected {_tname(types)}")
-    if type_ == "stage" and msg["stage"] not in STAGES:
+    if type_ in ("stage", "stages", "stage_results") and msg["stage"] not in STAGES:
         raise ProtocolError(f"stage: unknown stage {msg['stage']!r}")
     return msg
 

@@ -108,10 +108,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, durable: bool = True) -> None:
     """Write ``obj`` as JSON to ``path`` so readers see the old or the new file, never
     a torn one: tmp file in the same dir, fsync, ``os.replace``, fsync of the dir.
-    Creates the parent directories."""
+    Creates the parent directories.  ``durable=False`` skips both fsyncs (the caller
+    syncs a whole batch later, or the file is only a hint)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
@@ -120,7 +121,8 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -129,7 +131,8 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -223,6 +226,12 @@ def _syncfs(path: Path) -> bool:
         os.close(fd)
 
 
+def sync_store(path: str | os.PathLike[str]) -> None:
+    """Make everything written under ``path``'s file system durable (one syncfs, else sync)."""
+    if not _syncfs(Path(path)):
+        os.sync()
+
+
 def write_manifest(images_dir: str | os.PathLike[str], meta: dict[str, Any],
                    fsync: bool = True) -> dict[str, Any]:
     """Hash and size every image file under ``images_dir`` and write ``manifest.json``
@@ -261,7 +270,7 @@ def write_manifest(images_dir: str | os.PathLike[str], meta: dict[str, Any],
     manifest = dict(meta)
     manifest.setdefault("created", time.time())
     manifest.update(format=MANIFEST_FORMAT, files=files, bytes=total)
-    write_json_atomic(images_dir / MANIFEST, manifest)  # fsyncs images_dir itself
+    write_json_atomic(images_dir / MANIFEST, manifest, durable=fsync)  # fsyncs images_dir itself
     return manifest
 
 

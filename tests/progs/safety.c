@@ -112,6 +112,19 @@ int main(void) {
     CHECK(find_log_fd() >= 0, "close_range closed the shim fd");
     tcp_pair(&a, &b);
     CHECK(send(a, "again", 5, 0) == 5 && recv(b, buf, 5, MSG_WAITALL) == 5, "io after close_range");
-    printf("{\"first_ab\": %ld, \"first_ba\": %ld, \"second_ab\": 5}\n", sent_ab, sent_ba);
+
+    /* splice: pipe -> socket is a send, socket -> pipe is a receive */
+    int in[2], out[2];
+    CHECK(pipe(in) == 0 && pipe(out) == 0, "pipes");
+    CHECK(write(in[1], "spliced", 7) == 7, "fill pipe");
+    CHECK(splice(in[0], NULL, a, NULL, 7, 0) == 7, "splice pipe->socket");
+    long moved = 0;
+    while (moved < 7) {
+        ssize_t r = splice(b, NULL, out[1], NULL, (size_t)(7 - moved), 0);
+        CHECK(r > 0, "splice socket->pipe");
+        moved += r;
+    }
+    CHECK(read(out[0], buf, 7) == 7 && memcmp(buf, "spliced", 7) == 0, "spliced data");
+    printf("{\"first_ab\": %ld, \"first_ba\": %ld, \"second_ab\": 12}\n", sent_ab, sent_ba);
     return 0;
 }

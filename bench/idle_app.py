@@ -1,0 +1,23 @@
+#!/usr/bin/env python3
+"""A unit for measuring the checkpoint protocol alone: it idles, and answers every app
+checkpoint request at once from the client thread (no safe point to wait for), saving a
+few bytes of state.  Used by bench_checkpoint.py's scaling table."""
+
+import os
+import sys
+import threading
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from nodeagent.appclient import AppClient  # noqa: E402
+
+client = AppClient.from_env()
+
+
+@client.on_checkpoint
+def save(images_dir: str) -> None:
+    with open(os.path.join(images_dir, "state"), "w") as f:
+        f.write(str(os.getpid()))
+
+
+client.start()
+threading.Event().wait()
