@@ -9,14 +9,14 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+
 
 from orchestrator import tables
 from orchestrator.bus import open_bus
 from orchestrator.control import ControlError, default_broker, default_store, serve_unix
 from orchestrator.daemon import Orchestrator
 from orchestrator.jobspec import load_job_file
-from orchestrator.runner import stop_event_on_signals
+from orchestrator.runner import serve_daemon, stop_event_on_signals
 from orchestrator.store import Store
 
 from .daemon import NodeAgent
@@ -24,23 +24,8 @@ from .daemon import NodeAgent
 
 async def serve_agent(args: argparse.Namespace) -> int:
     """`gridckpt agent`: serve until SIGTERM/SIGINT; units keep running after the agent stops."""
-    broker = args.broker or default_broker()
-    if broker.startswith("memory://"):
-        print("gridckpt agent: a daemon needs a broker: give --broker amqp://... or GRIDCKPT_BROKER "
-              "(memory:// serves only `gridckpt run`)", file=sys.stderr)
-        return 2
-    store = Store(Path(args.store or default_store()))
-    bus = open_bus(broker)
-    await bus.connect()
-    agent = NodeAgent(bus, store, args.node, args.site, heartbeat_interval=args.heartbeat)
-    stop = stop_event_on_signals()
-    try:
-        await agent.start()
-        await stop.wait()
-    finally:
-        await agent.stop()
-        await bus.close()
-    return 0
+    return await serve_daemon(args, "agent", lambda bus, store: NodeAgent(
+        bus, store, args.node, args.site, heartbeat_interval=args.heartbeat))
 
 
 def _say(text: str) -> None:

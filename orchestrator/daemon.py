@@ -12,7 +12,6 @@ import logging
 import random
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from . import protocol

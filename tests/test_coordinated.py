@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -11,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from conftest import EXAMPLES, REPO, Cluster, unit_of, write_job
@@ -104,7 +102,6 @@ def test_checkpoint_kill_restart_same_and_other_node(cluster: Cluster, tmp_path:
     st = cluster.wait_status(job, _running)
     assert unit_of(st, "b")["node"] == "n1"
     for u in "abc":  # every unit continued from its checkpointed state, not from scratch
-        out = (cluster.store / "jobs" / job / "units" / u / "stdout").read_text()
         n = _wait_step(cluster, job, u, at_ckpt[u])
         assert n > at_ckpt[u] > 3
     out_a = (cluster.store / "jobs" / job / "units" / "a" / "stdout").read_text().splitlines()

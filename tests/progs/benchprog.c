@@ -80,6 +80,8 @@ static int pingpong(long rounds) {
     return 0;
 }
 
+#define WARMUP_MIB 64L
+
 static int bulk(long mib) {
     int a, b;
     tcp_pair(&a, &b);
@@ -88,7 +90,7 @@ static int bulk(long mib) {
     if (p == 0) {
         close(a);
         memset(buf, 'y', sizeof buf);
-        long total = mib * 1048576;
+        long total = (mib + WARMUP_MIB) * 1048576;
         while (total > 0) {
             ssize_t w = write(b, buf, sizeof buf);
             if (w <= 0)
@@ -99,8 +101,15 @@ static int bulk(long mib) {
         _exit(0);
     }
     close(b);
+    long warm = 0; /* steady state only: the first WARMUP_MIB (log creation etc.) are not timed */
+    while (warm < WARMUP_MIB * 1048576L) {
+        ssize_t r = read(a, buf, sizeof buf);
+        if (r <= 0)
+            die("warm-up read");
+        warm += r;
+    }
     double t0 = now();
-    long got = 0;
+    long got = warm - WARMUP_MIB * 1048576L;
     for (;;) {
         ssize_t r = read(a, buf, sizeof buf);
         if (r < 0)
