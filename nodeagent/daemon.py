@@ -98,7 +98,7 @@ class NodeAgent:
                 alive = False
             if not alive:
                 continue
-            unit = self._new_unit(row["job"], row["unit"], row["spec"])
+            unit = await self._new_unit(row["job"], row["unit"], row["spec"])
             unit.adopt(pid)
             unit.started = started
             await unit.set_state("running")
@@ -239,12 +239,13 @@ class NodeAgent:
         else:
             await self._stage(msg)
 
-    def _new_unit(self, job: str, name: str, spec: dict[str, Any]) -> Unit:
+    async def _new_unit(self, job: str, name: str, spec: dict[str, Any]) -> Unit:
         old = self.units.get((job, name))
         if old is not None and not old.ended:
             raise CheckpointError(f"unit {name} is still running here (pid {old.root_pid})")
-        if old is not None:
-            self._forget(old)
+        if old is not None:  # its backend lets go of what it held (the app socket) before the new one
+            self.units.pop((job, name), None)
+            await self.runner.release(old)
         unit = Unit(job, name, spec, self.store.unit_dir(job, name), cwd=spec.get("cwd") or spec.get("base_dir") or None,
                     on_state=self._on_unit_state)
         if spec.get("interpose") or spec.get("protocol") == "independent":
@@ -297,11 +298,6 @@ class NodeAgent:
             self._workers[key] = asyncio.create_task(self._unit_worker(key, q))
         q.put_nowait(msg)
 
-    def _forget(self, unit: Unit) -> None:
-        """Drop an ended unit: its backend closes what it held for it (the app socket)."""
-        self.units.pop((unit.job, unit.name), None)
-        self._spawn(self.runner.release(unit))
-
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
@@ -316,7 +312,7 @@ class NodeAgent:
 
     async def _launch(self, job: str, name: str, spec: dict[str, Any]) -> None:
         try:
-            unit = self._new_unit(job, name, spec)
+            unit = await self._new_unit(job, name, spec)
             backend = self.runner.backend(spec.get("checkpointer", "criu"))
             plan = backend.plan_launch(unit, list(spec["command"]))
             await unit.launch(plan)
@@ -336,7 +332,7 @@ class NodeAgent:
                 if unit is None or unit.ended:
                     if "spec" not in args:
                         raise CheckpointError("rebuild without a unit spec")
-                    unit = self._new_unit(job, name, args["spec"])
+                    unit = await self._new_unit(job, name, args["spec"])
             if unit is None:
                 if stage == protocol.ABORT_STAGE:
                     res: dict[str, Any] = {"ms": 0.0, "data": {"note": "unit not here"}}

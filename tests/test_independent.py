@@ -113,3 +113,29 @@ def test_periodic_independent_checkpoints_with_jitter(cluster: Cluster, tmp_path
     assert set(online["line"]) == {"src", "relay", "sink"}
     r = cluster.cli_json("gc", job, "--dry-run")
     assert r["dry_run"] is True
+
+
+def test_unit_without_checkpoint_restarts_afresh_from_the_line(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.orchestrator()
+    cluster.agent("n1")
+    cluster.agent("n2")
+    cluster.wait_agents(2)
+    job = cluster.submit(_job(tmp_path))
+    cluster.wait_status(job, _running)
+    cluster.cli_json("checkpoint", job, "--unit", "src")
+    time.sleep(0.5)
+    st = cluster.cli_json("status", job)
+    os.kill(unit_of(st, "sink")["pid"], signal.SIGKILL)
+    cluster.wait_status(job, lambda s: unit_of(s, "sink")["state"] == "failed", timeout=5)
+    line = cluster.cli_json("recovery-line", job)["line"]
+    assert line == {"src": "current", "relay": "current", "sink": 0}  # nothing flows back from sink
+    r = cluster.cli("restart", job, "--recovery-line")
+    assert r.returncode == 0, r.stderr
+    assert "kept running: src, relay" in r.stdout and "sink" in r.stdout
+    st = cluster.wait_status(job, _running, timeout=20)
+    assert unit_of(st, "src")["pid"] == unit_of(cluster.cli_json("status", job), "src")["pid"]
+    out = cluster.store / "jobs" / job / "units" / "sink" / "stdout"
+    deadline = time.monotonic() + 10
+    while "received=" not in out.read_text().split("restored")[-1] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "restored" not in out.read_text()  # a fresh start, not a restore
