@@ -517,10 +517,10 @@ static void after_fork_child(void) {
      * its parent's log: drop the inherited mappings and fd, open its own log lazily. */
     g_pid = (uint32_t)syscall(SYS_getpid);
     t_tid = 0;
-    for (unsigned i = 0; i < MAX_SEGS; i++) {
+    for (unsigned i = 0; i < MAX_SEGS; i++) { /* no early exit: a fork can leave gaps */
         char *p = g_segs[i];
         if (p == NULL)
-            break;
+            continue;
         if (p != SEG_MAPPING && p != SEG_FAILED)
             munmap(p, SEG_BYTES);
         g_segs[i] = NULL;

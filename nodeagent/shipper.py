@@ -83,15 +83,19 @@ class Shipper:
             self._tails[key] = tail
 
     def rolled_back(self, job: str, unit: str) -> None:
-        """The unit was restored: logs cut back to the checkpoint are shipped under a new epoch."""
+        """The unit was restored (still stopped): its logs hold what they held at the checkpoint
+        (CRIU puts the shim's mapped logs back), so shipping resumes at the end of each log's
+        valid records, under a new epoch so the orchestrator takes the new records as new."""
         tail = self._tails.get((job, unit))
         if tail is not None:
             tail.epoch += 1
             tail.sent.clear()
             for name in list(tail.offsets):
-                path = tail.directory / name
-                size = path.stat().st_size if path.exists() else 0
-                tail.offsets[name] = min(tail.offsets[name], size - size % REC_SIZE)
+                try:
+                    _, valid = read_records(tail.directory / name, 0)
+                except (OSError, ValueError):
+                    valid = 0
+                tail.offsets[name] = min(tail.offsets[name], valid)
             tail.save()
 
     def start(self) -> None:
