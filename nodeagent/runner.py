@@ -114,24 +114,29 @@ async def _follow(orch: Orchestrator, job_id: str, stop: asyncio.Event) -> int:
         waiter.cancel()
 
 
-def _last_line(path: Path, start: int = 0) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            lines = f.read().decode(errors="replace").strip().splitlines()
-        return lines[-1] if lines else "(no output yet)"
-    except OSError:
-        return "(no output)"
+_HOOK_WORDS = ("post_checkpoint", "checkpoint", "restart", "restored")
 
 
-def _first_line(path: Path, start: int) -> str:
+def _progress_lines(path: Path, start: int = 0) -> list[str]:
+    """The unit's output lines from byte ``start``, without the lines its checkpoint hooks
+    print (the demo shows progress)."""
     try:
         with open(path, "rb") as f:
             f.seek(start)
             lines = f.read().decode(errors="replace").splitlines()
-        return lines[0] if lines else "(no output yet)"
     except OSError:
-        return "(no output)"
+        return []
+    return [line for line in lines if line.strip() and line.split()[0] not in _HOOK_WORDS]
+
+
+def _last_line(path: Path) -> str:
+    lines = _progress_lines(path)
+    return lines[-1] if lines else "(no output yet)"
+
+
+def _first_line(path: Path, start: int) -> str:
+    lines = _progress_lines(path, start)
+    return lines[0] if lines else "(no output yet)"
 
 
 async def _running(orch: Orchestrator, job_id: str, timeout: float) -> bool:
