@@ -79,18 +79,15 @@ class AppClient:
 
     def on_pre_checkpoint(self, fn: Handler) -> Handler:
         """fn(checkpoint_id)."""
-        self._handlers["PRE_CHECKPOINT"] = fn
-        return fn
+        return self._register("PRE_CHECKPOINT", fn)
 
     def on_post_checkpoint(self, fn: Handler) -> Handler:
         """fn(checkpoint_id), after the job's checkpoint is complete and the program resumed."""
-        self._handlers["POST_CHECKPOINT"] = fn
-        return fn
+        return self._register("POST_CHECKPOINT", fn)
 
     def on_restart(self, fn: Handler) -> Handler:
         """fn(images_dir), once after a restart from images_dir."""
-        self._handlers["RESTART"] = fn
-        return fn
+        return self._register("RESTART", fn)
 
     def on_abort(self, fn: Handler) -> Handler:
         """fn(checkpoint_id): the checkpoint was abandoned."""
@@ -105,7 +102,7 @@ class AppClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(self.socket_path)
         self._sock = sock
-        self._send(f"HELLO {os.getpid()} {PROTOCOL_VERSION}")
+        self._send(f"HELLO {os.getpid()} {PROTOCOL_VERSION} {self._hooks()}")
         self._file = sock.makefile("r", encoding="utf-8", newline="\n")
         welcome = self._file.readline()
         if not welcome.startswith("WELCOME"):
@@ -129,6 +126,16 @@ class AppClient:
             self._sock.close()
             self._sock = None
         self._running.set()
+
+    def _hooks(self) -> str:
+        """The optional requests this program handles, for HELLO/HOOKS."""
+        return ",".join(w for w in ("PRE_CHECKPOINT", "POST_CHECKPOINT", "RESTART") if w in self._handlers) or "-"
+
+    def _register(self, word: str, fn: Handler) -> Handler:
+        self._handlers[word] = fn
+        if self._sock is not None:   # registered after start: tell the agent
+            self._send(f"HOOKS {self._hooks()}")
+        return fn
 
     def _send(self, line: str) -> None:
         data = (line.replace("\n", " ") + "\n").encode()

@@ -295,3 +295,17 @@ async def test_asyncio_program_uses_async_safe_points(env, tmp_path):
     for stage in ("stop", "checkpoint", "resume_cp"):
         await runner.run(u, stage, "ck1", 1)
     await wait_for(lambda: int((u.unit_dir / "stdout").read_text().split()[-1]) > saved + 2)
+
+
+async def test_announced_hooks_spare_the_other_round_trips(env, tmp_path):
+    """HELLO <pid> 1 <hooks>: only the optional requests the program handles are sent."""
+    store, backend, runner, start = env
+    prog = tmp_path / "hooks.py"
+    prog.write_text(RAW.replace('f.write(f"HELLO {os.getpid()} 1\\n")',
+                                'f.write(f"HELLO {os.getpid()} 1 POST_CHECKPOINT\\n")'))
+    assert "POST_CHECKPOINT\\n" in prog.read_text()
+    u = await start("h", [PY, str(prog)])
+    await checkpoint(runner, u, "ck9", 1)
+    lines = [ln for ln in (u.unit_dir / "stdout").read_text().splitlines() if ln.startswith("got")]
+    images = store.images_dir("job1", "h", 1)
+    assert lines == [f"got CHECKPOINT ck9 {images}", "got RESUME ck9", "got POST_CHECKPOINT ck9"]

@@ -8,7 +8,11 @@ Line protocol (version 1)
 -------------------------
 * UTF-8 lines ended by ``\\n``; words separated by one space; the last field of a line (a
   path) runs to the end of the line and may contain spaces.  Lines are at most 64 KiB.
-* program -> agent, once, on connect: ``HELLO <pid> [<version>]``; agent answers ``WELCOME 1``.
+* program -> agent, once, on connect: ``HELLO <pid> [<version> [<hooks>]]``; agent answers
+  ``WELCOME 1``.  ``<hooks>`` (optional, comma-separated) names the optional requests the
+  program handles among ``PRE_CHECKPOINT``, ``POST_CHECKPOINT`` and ``RESTART`` (``-`` for
+  none): the agent then spares it the others' round trips.  Without ``<hooks>`` it gets them
+  all.  A program that registers a hook later says ``HOOKS <hooks>`` (no answer).
 * then the agent sends requests and the program answers each, in order, one at a time:
 
   ==============================  ====================================================
@@ -82,11 +86,21 @@ def socket_path_for(unit: UnitProcess) -> str:
     raise CheckpointError(f"no short enough directory for the app socket of {unit.name}")
 
 
+OPTIONAL_REQUESTS = ("PRE_CHECKPOINT", "POST_CHECKPOINT", "RESTART")
+
+
+def _parse_hooks(text: str) -> set[str]:
+    """The optional requests a program announced (``-``: none)."""
+    return {w for w in text.strip().split(",") if w in OPTIONAL_REQUESTS}
+
+
 class _Conn:
     """One program connection: a reader task routes answers to the pending request."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pid: int):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pid: int,
+                 hooks: set[str] | None = None):
         self.reader, self.writer, self.pid = reader, writer, pid
+        self.hooks = hooks      # optional requests it handles; None: unknown, send them all
         self.pending: asyncio.Future | None = None
         self.closed = asyncio.Event()
         self.lock = asyncio.Lock()
@@ -101,6 +115,9 @@ class _Conn:
                 text = line.decode(errors="replace").rstrip("\n")
                 if text == "BYE":
                     break
+                if text.startswith("HOOKS "):   # a hook registered after HELLO: not an answer
+                    self.hooks = _parse_hooks(text[6:])
+                    continue
                 if self.skip:           # a late answer to a request we gave up on
                     self.skip -= 1
                     continue
@@ -165,7 +182,7 @@ class _Session:
             writer.close()
             return
         writer.write(f"WELCOME {PROTOCOL_VERSION}\n".encode())
-        conn = _Conn(reader, writer, int(words[1]))
+        conn = _Conn(reader, writer, int(words[1]), _parse_hooks(words[3]) if len(words) > 3 else None)
         self.conns.append(conn)
         self.changed.set()
         task = asyncio.get_running_loop().create_task(conn.pump())
@@ -196,6 +213,11 @@ class _Session:
 
     async def request_all(self, line: str, expect: str, timeout: float, unit: str) -> None:
         conns = await self.wait_connected(timeout, unit)
+        word = line.split(" ", 1)[0]
+        if word in OPTIONAL_REQUESTS:  # only to the programs that handle it
+            conns = [c for c in conns if c.hooks is None or word in c.hooks]
+            if not conns:
+                return
         answers = await asyncio.gather(*(c.request(line, timeout) for c in conns),
                                        return_exceptions=True)
         word = line.split(" ", 1)[0]
