@@ -341,7 +341,12 @@ class NodeAgent:
             elif args.get("fresh") and stage in protocol.RESTART_STAGES:
                 res = await self._fresh(unit, stage)
             else:
-                res = await self.runner.run(unit, stage, ckpt, int(args.get("seq", 0)), args)
+                limit = 2 * float(args.get("timeout") or 30.0)  # a stuck stage must not block the unit forever
+                try:
+                    res = await asyncio.wait_for(self.runner.run(unit, stage, ckpt, int(args.get("seq", 0)), args),
+                                                 limit)
+                except asyncio.TimeoutError:
+                    raise CheckpointError(f"{stage} of {name} did not finish within {limit:g} s") from None
                 if stage == "checkpoint" and "LD_PRELOAD" in unit.env:
                     res = dict(res, data={**res.get("data", {}), "shipped": await self.shipper.flush_unit(job, name)})
                 if stage == "prepare":
