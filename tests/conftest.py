@@ -62,6 +62,36 @@ def kill_store_processes(store: Path) -> int:
     return killed
 
 
+def release_job_cgroups(job: str) -> None:
+    """Thaw, empty and remove a job's freezer cgroups (a test that failed mid-checkpoint
+    must not leave frozen processes behind: a frozen process cannot even die)."""
+    root = Path("/sys/fs/cgroup/freezer/gridckpt") / job
+    if not root.is_dir():
+        return
+    for unit in root.iterdir():
+        if not unit.is_dir():
+            continue
+        try:
+            for pid in (unit / "cgroup.procs").read_text().split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            (unit / "freezer.state").write_text("THAWED")
+        except OSError:
+            pass
+    deadline = time.monotonic() + 5
+    for unit in [u for u in root.iterdir() if u.is_dir()] + [root]:
+        while time.monotonic() < deadline:
+            try:
+                unit.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.05)
+
+
 class Cluster:
     """Daemons (orchestrator, agents) as separate processes and a CLI runner, on one store."""
 
@@ -158,6 +188,8 @@ class Cluster:
                     proc.kill()
                     proc.wait()
         kill_store_processes(self.store)
+        for job in self.jobs:
+            release_job_cgroups(job)
 
 
 def unit_of(status: dict[str, Any], name: str) -> dict[str, Any]:
