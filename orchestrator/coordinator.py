@@ -448,7 +448,11 @@ class Coordinator:
             return
         ckpts = await asyncio.to_thread(self.orch.store.list_checkpoints, job.id)
         try:
-            if ckpts:
+            if job.spec.get("protocol") == "independent":
+                res = await self.restart_line(job, {})
+                event(log, "auto restart from the recovery line", job=job.id, line=str(res["line"]),
+                      total_ms=res["total_ms"])
+            elif ckpts:
                 res = await self.restart(job, None, {})
                 event(log, "auto restart", job=job.id, checkpoint=res["from"], total_ms=res["total_ms"])
             else:

@@ -139,3 +139,22 @@ def test_unit_without_checkpoint_restarts_afresh_from_the_line(cluster: Cluster,
     while "received=" not in out.read_text().split("restored")[-1] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "restored" not in out.read_text()  # a fresh start, not a restore
+
+
+def test_auto_restart_of_an_independent_job_follows_the_line(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.orchestrator()
+    cluster.agent("n1")
+    cluster.agent("n2")
+    cluster.wait_agents(2)
+    job = cluster.submit(_job(tmp_path, 'restart = "auto"\nmax_restarts = 1'))
+    cluster.wait_status(job, _running)
+    time.sleep(0.3)
+    for unit in ("relay", "sink"):
+        cluster.cli_json("checkpoint", job, "--unit", unit)
+    st = cluster.cli_json("status", job)
+    src_pid = unit_of(st, "src")["pid"]
+    os.kill(unit_of(st, "relay")["pid"], signal.SIGKILL)
+    st = cluster.wait_status(job, lambda s: s["restarts"] == 1 and _running(s), timeout=20)
+    assert unit_of(st, "src")["pid"] == src_pid  # the line kept the source running
+    out = (cluster.store / "jobs" / job / "units" / "relay" / "stdout").read_text()
+    assert "relay restored" in out
