@@ -47,11 +47,15 @@ node = "n1"
 ''')
 
 
-def test_recovery_line_online_equals_offline_and_restart_follows_it(cluster: Cluster, tmp_path: Path) -> None:
+def _start(cluster: Cluster) -> None:
     cluster.orchestrator()
     cluster.agent("n1")
     cluster.agent("n2")
     cluster.wait_agents(2)
+
+
+def test_recovery_line_online_equals_offline_and_restart_follows_it(cluster: Cluster, tmp_path: Path) -> None:
+    _start(cluster)
     job = cluster.submit(_job(tmp_path))
     cluster.wait_status(job, _running)
     time.sleep(0.8)
@@ -92,10 +96,7 @@ def test_recovery_line_online_equals_offline_and_restart_follows_it(cluster: Clu
 
 
 def test_periodic_independent_checkpoints_with_jitter(cluster: Cluster, tmp_path: Path) -> None:
-    cluster.orchestrator()
-    cluster.agent("n1")
-    cluster.agent("n2")
-    cluster.wait_agents(2)
+    _start(cluster)
     job = cluster.submit(_job(tmp_path, 'checkpoint_every = "0.6s"'))
     cluster.wait_status(job, _running)
     time.sleep(3.5)
@@ -116,10 +117,7 @@ def test_periodic_independent_checkpoints_with_jitter(cluster: Cluster, tmp_path
 
 
 def test_unit_without_checkpoint_restarts_afresh_from_the_line(cluster: Cluster, tmp_path: Path) -> None:
-    cluster.orchestrator()
-    cluster.agent("n1")
-    cluster.agent("n2")
-    cluster.wait_agents(2)
+    _start(cluster)
     job = cluster.submit(_job(tmp_path))
     cluster.wait_status(job, _running)
     cluster.cli_json("checkpoint", job, "--unit", "src")
@@ -142,10 +140,7 @@ def test_unit_without_checkpoint_restarts_afresh_from_the_line(cluster: Cluster,
 
 
 def test_auto_restart_of_an_independent_job_follows_the_line(cluster: Cluster, tmp_path: Path) -> None:
-    cluster.orchestrator()
-    cluster.agent("n1")
-    cluster.agent("n2")
-    cluster.wait_agents(2)
+    _start(cluster)
     job = cluster.submit(_job(tmp_path, 'restart = "auto"\nmax_restarts = 1'))
     cluster.wait_status(job, _running)
     time.sleep(0.3)
