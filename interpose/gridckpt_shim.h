@@ -27,7 +27,7 @@ struct gc_record {
     uint64_t start;     /* 16: byte offset in this direction's stream (header: realtime ns) */
     uint64_t end;       /* 24: exclusive */
     uint64_t interval;  /* 32: checkpoint interval from the control page */
-    uint64_t mono_ns;   /* 40: CLOCK_MONOTONIC */
+    uint64_t mono_ns;   /* 40: CLOCK_MONOTONIC (may be TSC-extrapolated: within ~0.1 us) */
     uint8_t src[16];    /* 48: sender's address (header: unit name, 32 bytes incl. dst) */
     uint8_t dst[16];    /* 64: receiver's address */
     uint16_t src_port;  /* 80 */

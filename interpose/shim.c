@@ -6,9 +6,10 @@
  *   GRIDCKPT_UNIT          unit name written in each log's header
  *   GRIDCKPT_SHIM_CONTROL  control page file shared by the unit (interval, connection table)
  *
- * Hot path: no malloc, no stdio, no locks, no extra syscalls.  A record is appended to a
- * shared memory mapping of the process's log file: an atomic fetch-and-add reserves the
- * slot, the magic word is stored last with release ordering.  Slow paths (first record of
+ * Hot path: no malloc, no stdio, no locks, no extra syscalls, no errno traffic.  A record is
+ * appended to a shared memory mapping of the process's log file: an atomic fetch-and-add
+ * reserves the slot, the magic word is stored last with release ordering; its time comes
+ * from the TSC when the kernel's clocksource is the TSC (see "record clock").  Slow paths (first record of
  * a process, a new 1 MiB segment of the log, first use of an fd) may make syscalls and
  * spin on a flag; a thread-local guard turns any re-entry (signal handlers) into pure
  * pass-through.  See interpose/README.md for the design notes. */
@@ -239,6 +240,115 @@ static uint64_t now_ns(clockid_t clk) {
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* ------------------------------------------------------------------ record clock
+ * Records carry CLOCK_MONOTONIC nanoseconds.  When the kernel itself keeps time with the
+ * TSC (clocksource "tsc": constant, synchronised across CPUs), a record reads the TSC and
+ * extrapolates from a calibration point taken with clock_gettime at most ~1 ms earlier;
+ * the ns-per-tick rate is measured over the whole life of the process.  The value stays
+ * within a few tens of ns of clock_gettime's, and the hot path touches one cache line of
+ * ours instead of the vDSO's code and data pages.  Other clocksources, or any doubt (an
+ * update in progress, a TSC that went backwards or jumped), fall back to clock_gettime.
+ * A seqlock guards the calibration; readers never wait, writers only try once. */
+#define CLK_WINDOW_NS 1000000ull   /* recalibrate after this long */
+#define CLK_BASELINE_NS 1000000ull /* measure the rate over at least this long */
+#define CLK_MAX_PAIR 4000u         /* ticks: no calibration from a pair wider than this */
+
+static struct {
+    uint32_t seq;       /* odd while a writer updates the fields below */
+    uint32_t usable;    /* clocksource is tsc */
+    uint32_t best_pair; /* narrowest TSC/clock_gettime pair seen, in ticks */
+    uint32_t pad;
+    uint64_t tsc0;      /* last calibration point */
+    uint64_t mono0;
+    uint64_t mult;      /* ns per tick, 32.32 fixed point; 0 until measured */
+    uint64_t window;    /* ticks after tsc0 that may be extrapolated; 0 forces a calibration */
+    uint64_t tsc_base;  /* first calibration point: the long baseline of the rate */
+    uint64_t mono_base;
+} g_clk __attribute__((aligned(64)));
+
+#if defined(__x86_64__) || defined(__i386__)
+static inline uint64_t read_tsc(void) { return __builtin_ia32_rdtsc(); }
+#define HAVE_TSC 1
+#else
+static inline uint64_t read_tsc(void) { return 0; }
+#define HAVE_TSC 0
+#endif
+
+#define CLK_LOAD(f) __atomic_load_n(&g_clk.f, __ATOMIC_RELAXED)
+#define CLK_STORE(f, v) __atomic_store_n(&g_clk.f, (v), __ATOMIC_RELAXED)
+
+static void clk_init(void) {
+    /* The kernel's choice of clocksource tells whether the TSC is trustworthy here. */
+    char buf[16] = {0};
+    int fd = (int)syscall(SYS_openat, AT_FDCWD, "/sys/devices/system/clocksource/clocksource0/current_clocksource",
+                          O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    long n = syscall(SYS_read, fd, buf, sizeof buf - 1);
+    syscall(SYS_close, fd);
+    if (HAVE_TSC && n >= 3 && memcmp(buf, "tsc", 3) == 0 && (n == 3 || buf[3] == '\n'))
+        CLK_STORE(usable, 1); /* the first record takes the first calibration point */
+}
+
+/* The real clock; also takes a calibration point if no other thread is doing so. */
+static __attribute__((noinline)) uint64_t clk_calibrate(void) {
+    uint64_t t1 = read_tsc();
+    uint64_t m = now_ns(CLOCK_MONOTONIC);
+    uint64_t t2 = read_tsc();
+    uint32_t q = __atomic_load_n(&g_clk.seq, __ATOMIC_RELAXED);
+    /* Only a tight pair is a good point: an interrupt between the reads would bias it. */
+    uint64_t best = CLK_LOAD(best_pair);
+    if ((q & 1) || t2 < t1 || t2 - t1 > CLK_MAX_PAIR || (best && t2 - t1 > 2 * best + 64) ||
+        !__atomic_compare_exchange_n(&g_clk.seq, &q, q + 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+        return m;
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    if (!best || t2 - t1 < best)
+        CLK_STORE(best_pair, (uint32_t)(t2 - t1));
+    uint64_t t = t1 + (t2 - t1) / 2;
+    uint64_t tb = CLK_LOAD(tsc_base), mb = CLK_LOAD(mono_base), old = CLK_LOAD(mult);
+    uint64_t mult = old;
+    if (tb == 0 || t <= tb || m <= mb) { /* first point, or TSC/clock went backwards: start over */
+        CLK_STORE(tsc_base, t);
+        CLK_STORE(mono_base, m);
+        mult = 0;
+    } else if (m - mb >= CLK_BASELINE_NS) {
+        uint64_t fresh = (uint64_t)(((unsigned __int128)(m - mb) << 32) / (t - tb));
+        /* A rate that moved by more than 0.1 %: the TSC jumped; restart the baseline. */
+        if (old && (fresh > old + old / 1000 || fresh < old - old / 1000)) {
+            CLK_STORE(tsc_base, t);
+            CLK_STORE(mono_base, m);
+            mult = 0;
+        } else {
+            mult = fresh;
+        }
+    }
+    CLK_STORE(tsc0, t);
+    CLK_STORE(mono0, m);
+    CLK_STORE(mult, mult);
+    /* Extrapolate over at most 1/32 of the baseline: the pairing jitter of the two ends of
+     * the baseline then adds at most 1/32 of itself to a record's time. */
+    uint64_t span = mult ? (m - CLK_LOAD(mono_base)) / 32 : 0;
+    if (span > CLK_WINDOW_NS)
+        span = CLK_WINDOW_NS;
+    CLK_STORE(window, mult ? (uint64_t)(((unsigned __int128)span << 32) / mult) : 0);
+    __atomic_store_n(&g_clk.seq, q + 2, __ATOMIC_RELEASE);
+    return m;
+}
+
+/* CLOCK_MONOTONIC in ns for a record. */
+static inline uint64_t record_clock(void) {
+    if (LIKELY(CLK_LOAD(usable))) {
+        uint32_t q = __atomic_load_n(&g_clk.seq, __ATOMIC_ACQUIRE);
+        uint64_t tsc0 = CLK_LOAD(tsc0), mono0 = CLK_LOAD(mono0), mult = CLK_LOAD(mult), window = CLK_LOAD(window);
+        uint64_t t = read_tsc();
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (LIKELY(!(q & 1) && __atomic_load_n(&g_clk.seq, __ATOMIC_RELAXED) == q && t - tsc0 < window))
+            return mono0 + (uint64_t)(((unsigned __int128)(t - tsc0) * mult) >> 32);
+        return clk_calibrate();
+    }
+    return now_ns(CLOCK_MONOTONIC);
+}
+
 static void save_env(char *dst, size_t cap, const char *name) {
     const char *v = getenv(name);
     dst[0] = 0;
@@ -357,6 +467,7 @@ static void do_init(void) {
     g_fdtab_size = size;
     g_pid = (uint32_t)syscall(SYS_getpid);
     g_enabled = 1;
+    clk_init();
     map_control();
     if (g_enabled)
         pthread_atfork(NULL, NULL, after_fork_child);
@@ -423,12 +534,28 @@ static int grow_file(uint64_t need) {
     return ok;
 }
 
+/* Write the segment's zeros through the page cache in 64 KiB pieces before mapping it:
+ * on ext4 that allocates the pages about twice as cheaply as write faults on a hole (it
+ * uses large folios), and the MADV_POPULATE_WRITE that follows only has to map them.
+ * Best effort: a failure leaves the hole to the page faults, as before. */
+#define PREFILL_CHUNK 65536u
+static char g_zeros[PREFILL_CHUNK];
+
+static void prefill_segment(uint64_t seg) {
+    for (uint64_t off = 0; off < SEG_BYTES; off += PREFILL_CHUNK) {
+        uint64_t len = SEG_BYTES - off < PREFILL_CHUNK ? SEG_BYTES - off : PREFILL_CHUNK;
+        if (syscall(SYS_pwrite64, g_log_fd, g_zeros, (size_t)len, (off_t)(seg * SEG_BYTES + off)) != (long)len)
+            return;
+    }
+}
+
 static char *map_segment(uint64_t seg) {
     char *cur = __atomic_load_n(&g_segs[seg], __ATOMIC_ACQUIRE);
     if (cur == NULL && __atomic_compare_exchange_n(&g_segs[seg], &cur, SEG_MAPPING, 0, __ATOMIC_ACQ_REL,
                                                    __ATOMIC_ACQUIRE)) {
         char *p = SEG_FAILED;
         if (grow_file((seg + 1) * SEG_BYTES)) {
+            prefill_segment(seg);
             void *m = mmap(NULL, SEG_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, g_log_fd, (off_t)(seg * SEG_BYTES));
             if (m != MAP_FAILED) {
                 /* Fault the whole segment in now, writable, in one kernel call: one page
@@ -517,6 +644,8 @@ static void after_fork_child(void) {
      * its parent's log: drop the inherited mappings and fd, open its own log lazily. */
     g_pid = (uint32_t)syscall(SYS_getpid);
     t_tid = 0;
+    if (g_clk.seq & 1) /* a thread of the parent was calibrating */
+        g_clk.seq++;
     for (unsigned i = 0; i < MAX_SEGS; i++) { /* no early exit: a fork can leave gaps */
         char *p = g_segs[i];
         if (p == NULL)
@@ -689,9 +818,47 @@ static inline void fdtab_put(int fd, uint64_t e) {
         __atomic_store_n(&g_fdtab[fd], e, __ATOMIC_RELAXED);
 }
 
-/* Record that `n` bytes moved on fd in direction `kind`.  Called only after a transfer
- * returned n > 0.  Saves and restores errno. */
-static void note_slow(int fd, int kind, uint64_t n, uint64_t e) {
+/* Fill the reserved record `r` and publish it (magic last, release). */
+static inline void write_record(struct gc_record *r, const struct gc_ctl_slot *s, int kind, uint64_t e,
+                                uint64_t start, uint64_t n, uint32_t tid) {
+    r->version = GC_REC_VERSION;
+    r->kind = (uint8_t)kind;
+    r->family = (uint8_t)s->family;
+    r->flags = 0;
+    r->pid = g_pid;
+    r->gen = E_GEN(e);
+    r->start = start;
+    r->end = start + n;
+    r->interval = __atomic_load_n(&g_ctl->interval, __ATOMIC_RELAXED);
+    r->mono_ns = record_clock();
+    if (kind == GC_KIND_SEND) {
+        memcpy(r->src, s->local, 16);
+        memcpy(r->dst, s->peer, 16);
+        r->src_port = s->local_port;
+        r->dst_port = s->peer_port;
+    } else {
+        memcpy(r->src, s->peer, 16);
+        memcpy(r->dst, s->local, 16);
+        r->src_port = s->peer_port;
+        r->dst_port = s->local_port;
+    }
+    r->tid = tid;
+    r->reserved = 0;
+    __atomic_store_n(&r->magic, GC_REC_MAGIC, __ATOMIC_RELEASE);
+    /* Bring the next record's cache lines in for writing now, while the program runs,
+     * rather than stalling on the miss at the next record. */
+    if (LIKELY(((uintptr_t)(r + 1) & 4095) + 2 * GC_REC_SIZE <= 4096)) {
+        __builtin_prefetch((char *)(r + 1), 1, 3);
+        __builtin_prefetch((char *)(r + 1) + 64, 1, 3);
+    }
+}
+
+/* The general path of a record: classifies the fd, opens the log, maps a new segment,
+ * learns the thread id.  May make syscalls: guarded against re-entry, keeps errno.
+ * `reserved` is a record index already taken by the fast path (or UINT64_MAX), `start`
+ * the stream offset it already took (valid only with `reserved`). */
+static __attribute__((noinline, cold)) void note_slow(int fd, int kind, uint64_t n, uint64_t e,
+                                                      uint64_t reserved, uint64_t start) {
     int saved = errno;
     t_guard = 1;
     if (E_KIND(e) == K_UNKNOWN || E_KIND(e) == K_PENDING) {
@@ -703,67 +870,63 @@ static void note_slow(int fd, int kind, uint64_t n, uint64_t e) {
     }
     {
         struct gc_ctl_slot *s = &g_slots[E_SLOT(e)];
-        uint64_t *off = kind == GC_KIND_SEND ? &s->send_off : &s->recv_off;
-        uint64_t start = __atomic_fetch_add(off, n, __ATOMIC_RELAXED);
-        if (UNLIKELY(__atomic_load_n(&g_log_state, __ATOMIC_ACQUIRE) != LOG_OPEN)) {
-            open_log_slow();
-            if (__atomic_load_n(&g_log_state, __ATOMIC_ACQUIRE) != LOG_OPEN) {
-                count_lost();
-                goto out;
+        if (reserved == UINT64_MAX) {
+            uint64_t *off = kind == GC_KIND_SEND ? &s->send_off : &s->recv_off;
+            start = __atomic_fetch_add(off, n, __ATOMIC_RELAXED);
+            if (UNLIKELY(__atomic_load_n(&g_log_state, __ATOMIC_ACQUIRE) != LOG_OPEN)) {
+                open_log_slow();
+                if (__atomic_load_n(&g_log_state, __ATOMIC_ACQUIRE) != LOG_OPEN) {
+                    count_lost();
+                    goto out;
+                }
             }
+            reserved = __atomic_fetch_add(&g_next, 1, __ATOMIC_RELAXED);
         }
-        struct gc_record *r = slot_at(__atomic_fetch_add(&g_next, 1, __ATOMIC_RELAXED));
+        struct gc_record *r = slot_at(reserved);
         if (UNLIKELY(!r)) {
             count_lost();
             goto out;
         }
         if (UNLIKELY(!t_tid))
             t_tid = (uint32_t)syscall(SYS_gettid);
-        r->version = GC_REC_VERSION;
-        r->kind = (uint8_t)kind;
-        r->family = (uint8_t)s->family;
-        r->flags = 0;
-        r->pid = g_pid;
-        r->gen = E_GEN(e);
-        r->start = start;
-        r->end = start + n;
-        r->interval = __atomic_load_n(&g_ctl->interval, __ATOMIC_RELAXED);
-        r->mono_ns = now_ns(CLOCK_MONOTONIC);
-        if (kind == GC_KIND_SEND) {
-            memcpy(r->src, s->local, 16);
-            memcpy(r->dst, s->peer, 16);
-            r->src_port = s->local_port;
-            r->dst_port = s->peer_port;
-        } else {
-            memcpy(r->src, s->peer, 16);
-            memcpy(r->dst, s->local, 16);
-            r->src_port = s->peer_port;
-            r->dst_port = s->local_port;
-        }
-        r->tid = t_tid;
-        r->reserved = 0;
-        __atomic_store_n(&r->magic, GC_REC_MAGIC, __ATOMIC_RELEASE);
-        /* Bring the next record's cache lines in for writing now, while the program runs,
-         * rather than stalling on the miss at the next record. */
-        if (LIKELY(((uintptr_t)(r + 1) & 4095) + 2 * GC_REC_SIZE <= 4096)) {
-            __builtin_prefetch((char *)(r + 1), 1, 3);
-            __builtin_prefetch((char *)(r + 1) + 64, 1, 3);
-        }
+        write_record(r, s, kind, e, start, n, t_tid);
     }
 out:
     t_guard = 0;
     errno = saved;
 }
 
+/* Record that `n` bytes moved on fd in direction `kind`.  Called after every transfer;
+ * records only if n > 0.  The common case (a known TCP fd, log open, segment mapped, thread
+ * id known) makes no call but the vDSO clock and never touches errno; it needs no re-entry
+ * guard either: a signal handler's record reserves its own offsets and slot. */
 static inline void note(int fd, int kind, ssize_t n) {
     if (n <= 0 || !g_enabled || t_guard)
         return;
     uint64_t e = fdtab_get(fd);
     if (LIKELY(E_KIND(e) == K_OTHER))
         return;
-    if ((unsigned)fd >= g_fdtab_size) /* beyond the table: classify every time */
-        e = K_UNKNOWN;
-    note_slow(fd, kind, (uint64_t)n, e);
+    if (UNLIKELY((unsigned)fd >= g_fdtab_size)) { /* beyond the table: classify every time */
+        note_slow(fd, kind, (uint64_t)n, K_UNKNOWN, UINT64_MAX, 0);
+        return;
+    }
+    if (UNLIKELY(E_KIND(e) != K_CONN || __atomic_load_n(&g_log_state, __ATOMIC_ACQUIRE) != LOG_OPEN)) {
+        note_slow(fd, kind, (uint64_t)n, e, UINT64_MAX, 0);
+        return;
+    }
+    struct gc_ctl_slot *s = &g_slots[E_SLOT(e)];
+    uint64_t start = __atomic_fetch_add(kind == GC_KIND_SEND ? &s->send_off : &s->recv_off, (uint64_t)n,
+                                        __ATOMIC_RELAXED);
+    uint64_t idx = __atomic_fetch_add(&g_next, 1, __ATOMIC_RELAXED);
+    uint64_t seg = idx / SEG_RECORDS;
+    char *base = LIKELY(seg < MAX_SEGS) ? __atomic_load_n(&g_segs[seg], __ATOMIC_ACQUIRE) : NULL;
+    uint32_t tid = t_tid;
+    if (UNLIKELY(base == NULL || base == SEG_MAPPING || base == SEG_FAILED || tid == 0)) {
+        note_slow(fd, kind, (uint64_t)n, e, idx, start);
+        return;
+    }
+    write_record((struct gc_record *)(base + (idx % SEG_RECORDS) * GC_REC_SIZE), s, kind, e, start,
+                 (uint64_t)n, tid);
 }
 
 /* Track a new fd from accept/connect; or mark a fresh fd of another kind. */
