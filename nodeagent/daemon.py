@@ -91,12 +91,18 @@ class NodeAgent:
             return
         for row in rows:
             pid, started = row.get("pid"), row.get("started") or 0.0
+            why = ""
             try:
                 proc = psutil.Process(pid)
-                alive = proc.status() != psutil.STATUS_ZOMBIE and abs(proc.create_time() - started) < 5.0
-            except (psutil.Error, TypeError, ValueError):
-                alive = False
-            if not alive:
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    why = "zombie"
+                elif abs(proc.create_time() - started) >= 5.0:
+                    why = f"pid reused (started {proc.create_time():.1f}, expected {started:.1f})"
+            except (psutil.Error, TypeError, ValueError) as exc:
+                why = f"{type(exc).__name__}: {exc}"
+            if why:
+                event(log, "unit not adopted: its process is gone", job=row.get("job"), unit=row.get("unit"),
+                      pid=pid, reason=why)
                 continue
             unit = await self._new_unit(row["job"], row["unit"], row["spec"])
             unit.adopt(pid)

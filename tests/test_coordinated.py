@@ -234,3 +234,4 @@ def test_periodic_checkpoints_and_auto_restart(cluster: Cluster, tmp_path: Path)
     assert unit_of(st, "b")["state"] == "running"
     n = _wait_step(cluster, job, "b", 0)
     assert n > 3 and n <= before + 40  # resumed from a checkpoint, not from step 1
+
