@@ -55,6 +55,8 @@ class NodeAgent:
         self._hb_task: asyncio.Task | None = None
         self._watchdogs: dict[tuple[str, str, str], asyncio.Task] = {}
         self._save_task: asyncio.Task | None = None
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._event_task: asyncio.Task | None = None
 
     @property
     def queue_name(self) -> str:
@@ -135,9 +137,6 @@ class NodeAgent:
             t.cancel()
         await asyncio.gather(*self._workers.values(), *self._tasks, *self._watchdogs.values(), return_exceptions=True)
         await self.shipper.stop()
-        if self._save_task is not None:
-            await asyncio.gather(self._save_task, return_exceptions=True)
-        await asyncio.to_thread(self._save_units)
         if self._hb_task:
             self._hb_task.cancel()
             await asyncio.gather(self._hb_task, return_exceptions=True)
@@ -145,6 +144,12 @@ class NodeAgent:
             for unit in list(self.units.values()):
                 await unit.close()
                 await self.runner.release(unit)
+        if self._event_task is not None:  # the last unit events, in order
+            await asyncio.gather(self._event_task, return_exceptions=True)
+        await self._publish_events()
+        if self._save_task is not None:
+            await asyncio.gather(self._save_task, return_exceptions=True)
+        await asyncio.to_thread(self._save_units)
         event(log, "agent stopped", node=self.node)
 
     async def _emit(self, key: str, type_: str, **fields: Any) -> None:
@@ -173,9 +178,18 @@ class NodeAgent:
         return rep
 
     async def _on_unit_state(self, unit: Unit) -> None:
+        """A unit changed state: report it in order, without holding up the stage that changed it
+        (freeze and thaw must not wait for a quorum queue's confirm)."""
         self._save_soon()
-        await self._emit(protocol.event_key(self.site, self.node), "unit_event", node=self.node,
-                         **self._unit_report(unit))
+        self._events.put_nowait(self._unit_report(unit))
+        if self._event_task is None or self._event_task.done():
+            self._event_task = asyncio.create_task(self._publish_events())
+
+    async def _publish_events(self) -> None:
+        """Publish queued unit events one by one, in order, each with its confirm."""
+        key = protocol.event_key(self.site, self.node)
+        while not self._events.empty():
+            await self._emit(key, "unit_event", node=self.node, **self._events.get_nowait())
 
     # ----------------------------------------------------------------- commands
     async def _on_command(self, msg: dict[str, Any], d: Delivery) -> None:
