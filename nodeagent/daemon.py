@@ -1,8 +1,10 @@
 """The node agent (job-unit checkpointer) daemon: one per node.
 
 It registers with the orchestrator, heartbeats with the state of its units, and executes the
-commands published to ``agent.<site>.<node>``: ``launch``, ``kill``, ``stage`` and ``ping``.
-Stages of one unit run one after the other; different units proceed in parallel.
+commands published to ``agent.<site>.<node>``: ``launch``, ``kill``, ``stages`` (one stage for
+several of its units, answered with one ``stage_results``) and ``ping``.  Stages of one unit run
+one after the other; different units proceed in parallel.  It also ships its units' determinants
+(``shipper``) and remembers its units in ``<store>/agents/`` to adopt them after a restart.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from orchestrator.store import Store, sync_store, write_json_atomic
 from .checkpointers.base import CheckpointError
 from .checkpointers.registry import capabilities
 from .shipper import Shipper, ensure_shim_dir
-from .stages import UnitStageRunner
 from .freezer import sweep_empty_cgroups
+from .stages import UnitStageRunner
 from .units import Unit, become_subreaper
 
 log = logging.getLogger("gridckpt.agent")
