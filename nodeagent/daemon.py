@@ -37,6 +37,16 @@ from .units import Unit, become_subreaper
 log = logging.getLogger("gridckpt.agent")
 
 
+def _zombie_status(pid: int) -> str:
+    """How a zombie ended, from the exit_code field of /proc/<pid>/stat (wait status)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            status = int(f.read().rsplit(b" ", 1)[-1])
+    except (OSError, ValueError):
+        return ""
+    return f" (signal {status & 0x7F})" if status & 0x7F else f" (code {status >> 8})"
+
+
 class NodeAgent:
     """State and behaviour of one node agent (transport-agnostic)."""
 
@@ -99,7 +109,7 @@ class NodeAgent:
             try:
                 proc = psutil.Process(pid)
                 if proc.status() == psutil.STATUS_ZOMBIE:
-                    why = "zombie"
+                    why = "exited" + _zombie_status(pid)
                 elif abs(proc.create_time() - started) >= 5.0:
                     why = f"pid reused (started {proc.create_time():.1f}, expected {started:.1f})"
             except (psutil.Error, TypeError, ValueError) as exc:

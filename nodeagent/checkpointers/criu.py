@@ -9,15 +9,16 @@ operation, so RPC would not be faster; the CLI needs no protobuf encoder of rpc.
 maintain, every call can be replayed by hand from the logged argv, and the benchmark's
 baseline is this very CLI, so the comparison measures only what the backend adds.
 
-Launch.  ``plan_launch`` runs the command as ``unshare --pid --fork --kill-child setsid CMD``:
-CMD is the init (pid 1) of its own PID namespace and leads its own session, so CRIU dumps a
+Launch.  ``plan_launch`` runs the command as ``unshare --pid --fork setsid CMD``: CMD is the
+init (pid 1) of its own PID namespace and leads its own session, so CRIU dumps a
 self-contained tree (session and process group inside it) and a restore recreates the PID
 namespace: restored pids never clash with live ones, two restores of one image can run side
-by side.  No mount namespace (CRIU would then have to handle mounts).  ``--kill-child`` makes
-the unit die with its ``unshare`` parent.  CRIU restores that parent-death signal, and after
-a restore the parent is the agent: a restored unit dies with the agent process, and the
-restore must run on a long-lived thread (criu is spawned by the event loop's thread, which
-lives as long as the agent; posix_spawn + pidfd, see criu_cli.spawn_and_wait).
+by side.  No mount namespace (CRIU would then have to handle mounts).  No ``--kill-child``:
+CRIU dumps and restores the init's parent-death signal, and after a restore the parent is the
+agent, so with it a restored unit died the moment its agent did.  A unit whose ``unshare``
+root dies is still ended whole: the agent kills whatever the root leaves in its cgroup.  criu
+is spawned by the event loop's thread, which lives as long as the agent (posix_spawn + pidfd,
+see criu_cli.spawn_and_wait).
 
 Checkpoint (the tree is frozen by the agent).  Concurrently: ``criu dump`` of the namespace
 init; a scan of /proc recording every regular file the tree holds open (size, whether it is
@@ -107,7 +108,7 @@ class CriuCheckpointer(Checkpointer):
     def plan_launch(self, unit: UnitProcess, argv: list[str]) -> LaunchPlan:
         if not argv:
             raise CheckpointError(f"unit {unit.name}: empty command")
-        return LaunchPlan(argv=[_UNSHARE, "--pid", "--fork", "--kill-child", _SETSID, *argv],
+        return LaunchPlan(argv=[_UNSHARE, "--pid", "--fork", _SETSID, *argv],
                           new_pid_namespace=True)
 
     # ------------------------------------------------------------- checkpoint
