@@ -235,3 +235,34 @@ def test_periodic_checkpoints_and_auto_restart(cluster: Cluster, tmp_path: Path)
     n = _wait_step(cluster, job, "b", 0)
     assert n > 3 and n <= before + 40  # resumed from a checkpoint, not from step 1
 
+
+
+
+def test_restored_unit_outlives_an_agent_restart(cluster: Cluster, tmp_path: Path) -> None:
+    _start(cluster, ("n1",))
+    jf = write_job(tmp_path / "one.toml", f'''
+name = "one"
+[[units]]
+name = "a"
+command = ["python3", "{PROGRESS}", "--every", "0.05"]
+''')
+    job = cluster.submit(jf)
+    cluster.wait_status(job, _running)
+    ck = cluster.cli_json("checkpoint", job)
+    st = cluster.cli_json("status", job)
+    os.kill(unit_of(st, "a")["pid"], signal.SIGKILL)
+    cluster.wait_status(job, lambda s: unit_of(s, "a")["state"] == "failed", timeout=5)
+    cluster.cli_json("restart", job, "--checkpoint", ck["checkpoint"])
+    pid = unit_of(cluster.wait_status(job, _running), "a")["pid"]
+    cluster.stop("agent-n1", signal.SIGKILL)
+    time.sleep(0.5)
+    _wait_step(cluster, job, "a", _step(cluster, job, "a"))  # the restored unit runs on without its agent
+    cluster.agent("n1")  # and the next agent adopts it
+    deadline = time.monotonic() + 15
+    while "unit adopted" not in cluster.log("agent-n1") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert f"unit adopted job={job} unit=a pid={pid}" in cluster.log("agent-n1"), cluster.log("agent-n1")[-2000:]
+    cluster.wait_status(job, lambda s: unit_of(s, "a")["state"] == "running" and unit_of(s, "a")["pid"] == pid)
+    _wait_step(cluster, job, "a", _step(cluster, job, "a"))
+    os.kill(pid, signal.SIGKILL)  # and the new agent sees it die
+    cluster.wait_status(job, lambda s: unit_of(s, "a")["state"] in ("failed", "exited"), timeout=5)
