@@ -225,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return recovery_line_offline(args.log, args.failed, args.json)
         if args.verb == "recovery-line" and not args.job:
             raise UsageError("gridckpt recovery-line: give a JOB or --log FILE")
-        quiet = args.verb == "run" and not getattr(args, "verbose", False)
+        # daemons log every event; `run` and the client verbs only what goes wrong
+        quiet = args.verb not in ("orchestrator", "agent") and not getattr(args, "verbose", False)
         setup_logging(as_json=args.log_json, level=logging.WARNING if quiet else logging.INFO)
         if args.verb == "orchestrator":
             from .runner import serve_orchestrator

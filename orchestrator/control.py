@@ -19,6 +19,7 @@ import msgpack
 from . import protocol
 from .bus import open_bus
 from .bus.base import BusError, RequestTimeout, Unroutable
+from .bus.common import masked_url
 
 SOCKET_NAME = "orchestrator.sock"
 ControlHandler = Callable[[str, dict[str, Any]], Awaitable[Any]]
@@ -82,11 +83,12 @@ async def call(broker: str, store: Path | None, op: str, args: dict[str, Any], t
             msg = protocol.make("control", op=op, args=args)
             reply = await bus.request(protocol.CONTROL_KEY, msg, timeout=timeout)
         except Unroutable:
-            raise ControlError(f"no orchestrator is running on {broker} (start one with `gridckpt orchestrator`)") from None
+            raise ControlError(f"no orchestrator is running on {masked_url(broker)} "
+                               "(start one with `gridckpt orchestrator`)") from None
         except RequestTimeout:
             raise ControlError(f"the orchestrator did not answer {op!r} within {timeout:.0f} s") from None
         except (BusError, OSError) as exc:
-            raise ControlError(f"cannot reach the broker {broker}: {exc}") from None
+            raise ControlError(f"cannot reach the broker {masked_url(broker)}: {exc}") from None
         finally:
             await bus.close()
     if not reply.get("ok"):
