@@ -191,3 +191,10 @@ def test_fuzzed_messages_leave_daemons_running(cluster: Cluster, tmp_path: Path)
     cluster.wait_status(job, _all_running)
     assert "rejected" in cluster.log("orchestrator") or "dead" in cluster.log("orchestrator").lower()
     assert protocol.PROTOCOL_VERSION == 1
+
+
+def test_unreachable_broker_is_one_line_without_the_password(tmp_path: Path) -> None:
+    c = Cluster("amqp://guest:guest@localhost/", tmp_path)
+    r = c.cli("status", "--broker", "amqp://guest:s3cret@localhost:5999/", timeout=60)
+    assert r.returncode == 1 and "cannot reach the broker" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "s3cret" not in r.stderr, r.stderr
