@@ -213,7 +213,7 @@ class NodeAgent:
         if t == "stages":
             self._spawn(self._stages(msg))
             return
-        if t not in ("launch", "kill", "stage"):
+        if t not in ("launch", "kill"):
             event(log, "ignored command", logging.WARNING, type=t)
             return
         self._on_command_local(msg)
@@ -313,8 +313,8 @@ class NodeAgent:
             await asyncio.sleep(delay)
             event(log, "no resume_cp or abort in time: abandoning the checkpoint and thawing", logging.WARNING,
                   job=unit.job, unit=unit.name, checkpoint=ckpt, waited_s=delay)
-            self._on_command_local({**protocol.make("stage", job=unit.job, unit=unit.name, checkpoint=ckpt,
-                                                    stage=protocol.ABORT_STAGE, args=dict(args)), "_local": True})
+            self._on_command_local(protocol.make("stage", job=unit.job, unit=unit.name, checkpoint=ckpt,
+                                                 stage=protocol.ABORT_STAGE, args=dict(args)))
 
         old = self._watchdogs.pop(key, None)
         if old is not None:
@@ -401,8 +401,6 @@ class NodeAgent:
                                   "ok": ok, "ms": float(res.get("ms", 0.0)), "data": data}
         if error:
             fields["error"] = error
-        reply = msg.get("_reply")
+        reply = msg.get("_reply")  # None for the watchdog's own abort
         if reply is not None:
             reply.set_result(fields)
-        elif not msg.get("_local"):
-            await self._emit(protocol.REPLIES_KEY, "stage_result", **fields)

@@ -1,7 +1,7 @@
 """Run one stage of the checkpoint/restart protocol on one unit (DESIGN.md section 2).
 
 The daemon calls ``UnitStageRunner.run(unit, stage, checkpoint_id, seq, args)`` for each
-``stage`` command and publishes the returned ``{"stage", "ms", "data"}`` as a stage_result.
+unit named in a ``stages`` command and answers with the returned ``{"stage", "ms", "data"}``.
 
 =============  =============================================================================
 prepare        images dir created (a stale partial one is cleared), job-file pre_checkpoint

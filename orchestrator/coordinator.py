@@ -58,11 +58,6 @@ class Coordinator:
         self._unit_busy: set[tuple[str, str]] = set()
 
     # ----------------------------------------------------------------- stage plumbing
-    def on_stage_result(self, msg: dict[str, Any]) -> None:
-        fut = self._waiting.get((msg["checkpoint"], msg["unit"], msg["stage"]))
-        if fut is not None and not fut.done():
-            fut.set_result(msg)
-
     def on_stage_results(self, msg: dict[str, Any]) -> None:
         """One agent's answer for all its units of a stage."""
         for unit, res in msg["results"].items():

@@ -43,8 +43,6 @@ class Orchestrator:
         self._tasks: set[asyncio.Task] = set()
         self._periodic: dict[str, asyncio.Task] = {}
         self._unit_waiters: list[tuple[asyncio.Future, Any]] = []
-        self._pings: dict[str, asyncio.Future] = {}
-        self._stopping = False
         self._unreported: set[tuple[str, str]] = set()
         self._abandoned: list[tuple[str, str, dict[str, int]]] = []  # checkpoints a crash left pending  # units recovered from the store, not yet reported
 
@@ -74,7 +72,6 @@ class Orchestrator:
 
     async def stop(self) -> None:
         """Stop intake, finish in-flight work, cancel background tasks."""
-        self._stopping = True
         for c in self._consumers:
             await c.cancel()
         self._consumers.clear()
@@ -172,14 +169,10 @@ class Orchestrator:
         elif t == "unit_event":
             agent = self.agents.get(self._agent_key_of(msg["node"]))
             self._apply_unit_report(agent, msg, from_heartbeat=False)
-        elif t == "stage_result":
-            self.coordinator.on_stage_result(msg)
         elif t == "stage_results":
             self.coordinator.on_stage_results(msg)
         elif t == "pong":
-            fut = self._pings.pop(msg["ping"], None)
-            if fut and not fut.done():
-                fut.set_result(time.perf_counter())
+            pass  # the answer to a tool's liveness ping of an agent
         else:
             event(log, "unexpected event type", logging.WARNING, type=t, key=d.routing_key)
 
@@ -298,16 +291,6 @@ class Orchestrator:
                 if u.state not in TERMINAL_UNIT_STATES:
                     load[f"{u.site}/{u.node}"] = load.get(f"{u.site}/{u.node}", 0) + 1
         return load
-
-    async def ping(self, site: str, node: str, timeout: float = 5.0) -> float:
-        """Round trip orchestrator -> agent -> orchestrator, in seconds."""
-        msg = protocol.make("ping", sent=time.time())
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._pings[msg["id"]] = fut
-        t0 = time.perf_counter()
-        await self.bus.publish(protocol.agent_key(site, node), msg, mandatory=True)
-        t1 = await asyncio.wait_for(fut, timeout)
-        return t1 - t0
 
     # ----------------------------------------------------------------- control ops
     async def control(self, op: str, args: dict[str, Any]) -> Any:
@@ -440,12 +423,6 @@ class Orchestrator:
         if unit not in j.units:
             raise ControlError(f"job {j.id} has no unit {unit!r}", 2)
         return await self.coordinator.unit_checkpoint(j, unit)
-
-    async def op_wait(self, job: str, timeout: float = 5.0) -> dict[str, Any]:
-        """Return the job's status once it changes or after ``timeout`` (used by `gridckpt run`)."""
-        j = self.job(job)
-        await self.wait_units(lambda jj, u: jj is j, timeout)
-        return j.as_dict()
 
     # ----------------------------------------------------------------- periodic checkpoints
     def _schedule_periodic(self, job: JobState) -> None:
