@@ -224,15 +224,18 @@ class NodeAgent:
         stage = msg["stage"]
         futs: dict[str, asyncio.Future] = {}
         loop = asyncio.get_running_loop()
+        sync = stage == "seal"   # a batch that writes manifests is made durable with one syncfs
         for name, args in msg["units"].items():
             args = dict(args) if isinstance(args, dict) else {}
-            if stage == "checkpoint":
+            if stage == "checkpoint" and not args.get("seal_later"):
+                sync = True
+            if stage in ("checkpoint", "seal"):
                 args["defer_sync"] = True
             futs[str(name)] = fut = loop.create_future()
             self._on_command_local({"type": "stage", "job": msg["job"], "unit": str(name),
                                     "checkpoint": msg["checkpoint"], "stage": stage, "args": args, "_reply": fut})
         results = dict(zip(futs, await asyncio.gather(*futs.values())))
-        if stage == "checkpoint" and any(r["ok"] for r in results.values()):
+        if sync and any(r["ok"] for r in results.values()):
             try:
                 await asyncio.to_thread(sync_store, self.store.root)
             except OSError as exc:

@@ -8,8 +8,11 @@ prepare        images dir created (a stale partial one is cleared), job-file pre
                callback, backend.prepare (app: the program saves its state and quiesces)
 stop           freeze the unit's tree (cgroup freezer, SIGSTOP fallback)
 checkpoint     backend.checkpoint, then manifest.json (sizes, sha256, stage timings) written
-               last in a thread; data: bytes, files
+               last in a thread; data: bytes, files.  With ``seal_later`` the manifest waits
+               for the seal stage, so the unit can resume as soon as its images are written
 resume_cp      thaw, backend.resume_cp, job-file post_checkpoint callback
+seal           (after resume_cp, only with ``seal_later``) hash the images and write the
+               manifest while the unit runs again; data: bytes, files
 abort          thaw if frozen, backend.abort, delete the partial images
 rebuild        verify the manifest (thread), backend.check_restorable, backend.rebuild:
                the tree exists again, still frozen; data: pid
@@ -35,11 +38,13 @@ from typing import Any
 from nodeagent.callbacks import run_callback
 from nodeagent.checkpointers.base import CheckpointError, Checkpointer, RestoreRefused
 from nodeagent.checkpointers.registry import make_backend
-from orchestrator.store import MANIFEST, CorruptCheckpoint, Store, StoreError, write_manifest, verify_manifest
+from nodeagent.freezer import tree_pids
+from orchestrator.store import (MANIFEST, CorruptCheckpoint, Store, StoreError, verify_hashes, verify_manifest,
+                               write_manifest)
 
 log = logging.getLogger("gridckpt.stages")
 
-STAGES = ("prepare", "stop", "checkpoint", "resume_cp", "abort", "rebuild", "resume_rst")
+STAGES = ("prepare", "stop", "checkpoint", "resume_cp", "seal", "abort", "rebuild", "resume_rst")
 _REMEMBER = 4096
 
 
@@ -107,7 +112,7 @@ class UnitStageRunner:
         ctx = self._ctx.get((unit.job, unit.name, cid))
         if ctx is not None:
             ctx["stages_ms"][stage] = ms
-        if stage in ("resume_cp", "abort", "resume_rst"):
+        if stage in ("seal", "abort", "resume_rst") or (stage == "resume_cp" and not (ctx or {}).get("unsealed")):
             self._ctx.pop((unit.job, unit.name, cid), None)
         return {"stage": stage, "ms": ms, "data": data}
 
@@ -159,13 +164,29 @@ class UnitStageRunner:
                 "unit": unit.name, "seq": ctx["seq"], "checkpoint": cid,
                 "stages_ms": dict(ctx["stages_ms"], checkpoint=backend_ms),
                 "command": list(unit.spec.get("command") or [])}
-        try:
-            # defer_sync: the agent makes a whole batch durable with one syncfs before it answers
-            manifest = await asyncio.to_thread(write_manifest, images, meta, not args.get("defer_sync"))
-        except StoreError as e:
-            raise CheckpointError(f"checkpoint of {unit.name}: manifest: {e}") from None
+        if args.get("seal_later"):
+            ctx["unsealed"] = meta
+            return {"images": str(images), "seq": ctx["seq"], "backend_ms": backend_ms, "sealed": False}
+        manifest = await self._write_manifest(unit, images, meta, args)
         return {"bytes": manifest["bytes"], "files": len(manifest["files"]),
                 "images": str(images), "seq": ctx["seq"], "backend_ms": backend_ms}
+
+    async def _seal(self, unit, cid, seq, args) -> dict[str, Any]:
+        ctx = self._ctx.get((unit.job, unit.name, cid))
+        if ctx is None or not ctx.get("unsealed"):
+            raise CheckpointError(f"seal of {unit.name}: checkpoint {cid} has no unsealed images on this agent")
+        meta = ctx["unsealed"]
+        meta["stages_ms"] = {**ctx["stages_ms"], **{k: v for k, v in meta["stages_ms"].items() if k == "checkpoint"}}
+        manifest = await self._write_manifest(unit, ctx["images"], meta, args)
+        return {"bytes": manifest["bytes"], "files": len(manifest["files"]), "seq": ctx["seq"]}
+
+    @staticmethod
+    async def _write_manifest(unit: Any, images: Path, meta: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            # defer_sync: the agent makes a whole batch durable with one syncfs before it answers
+            return await asyncio.to_thread(write_manifest, images, meta, not args.get("defer_sync"))
+        except StoreError as e:
+            raise CheckpointError(f"checkpoint of {unit.name}: manifest: {e}") from None
 
     async def _resume_cp(self, unit, cid, seq, args) -> dict[str, Any]:
         ctx = self._context(unit, cid, seq)
@@ -203,32 +224,56 @@ class UnitStageRunner:
 
     # -- restart stages --------------------------------------------------------------------
     async def _rebuild(self, unit, cid, seq, args) -> dict[str, Any]:
+        """Verify, then restore.  Integrity: every image's sha256 is checked before the unit
+        runs.  ``verified`` (the orchestrator hashed them all before it touched the job): sizes
+        only.  Otherwise the files the backend reads itself (``hashed_while_restoring``, CRIU's
+        page data) are hashed while it restores, provided no live tree of the unit is at stake;
+        a mismatch kills the restored tree, which never ran, and fails the stage naming the file.
+        """
         ctx = self._context(unit, cid, seq)
         images: Path = ctx["images"]
+        wanted = unit.spec.get("checkpointer") or "criu"
+        live = unit.root_pid is not None and bool(unit.pids())
+        later = None if args.get("verified") or live else getattr(self.backend(wanted), "hashed_while_restoring", None)
         try:
-            manifest = await asyncio.to_thread(verify_manifest, images)
+            if args.get("verified"):
+                manifest = await asyncio.to_thread(verify_manifest, images, False, _nothing)
+            else:
+                manifest = await asyncio.to_thread(verify_manifest, images, False,
+                                                   None if later is None else (lambda rel: not later(rel)))
         except CorruptCheckpoint as e:
             raise CheckpointError(f"rebuild of {unit.name}: {e}") from None
-        wanted = unit.spec.get("checkpointer") or "criu"
         written_by = manifest.get("checkpointer", wanted)
         if written_by != wanted:
             raise RestoreRefused(f"rebuild of {unit.name}: images written by {written_by!r}, "
                                  f"the unit uses {wanted!r}")
         backend = self.backend(written_by)
         await backend.check_restorable(images, manifest)
-        if unit.root_pid is not None and unit.pids():
+        if live:
             await unit.kill()        # the old tree must be gone before its state comes back
         await unit.set_state("restarting")
         unit.freezer.create()
+        hashing = asyncio.ensure_future(asyncio.to_thread(verify_hashes, images, manifest, later)) if later else None
         try:
             await backend.rebuild(unit, images)
         except BaseException as e:
             unit.mark_failed(f"rebuild failed: {e}")
+            if hashing is not None:
+                await asyncio.gather(hashing, return_exceptions=True)
             raise
         if unit.root_pid is None:
             raise CheckpointError(f"rebuild of {unit.name}: the backend restored no process")
-        # watch it (a no-op when the unit launched it itself); the backend may reap it
+        # into the unit's cgroup (off the loop: a cgroup move may wait for an RCU grace period;
+        # CRIU's tree was usually born there already) and watched; the backend may reap it
+        await asyncio.to_thread(unit.freezer.attach, tree_pids(unit.root_pid))
         unit.adopt(unit.root_pid, exit_waiter=getattr(backend, "wait_exit", None))
+        if hashing is not None:
+            try:
+                await hashing
+            except CorruptCheckpoint as e:
+                await unit.kill()    # restored but never resumed: it ran nothing
+                unit.mark_failed(f"rebuild failed: {e}")
+                raise CheckpointError(f"rebuild of {unit.name}: {e}") from None
         await unit.set_state("stopped")
         return {"pid": unit.root_pid, "nprocs": len(unit.pids()), "bytes": manifest.get("bytes", 0),
                 "seq": ctx["seq"]}
@@ -247,6 +292,10 @@ class UnitStageRunner:
         release = getattr(self.backend_for(unit), "release", None)
         if release is not None:
             await release(unit)
+
+
+def _nothing(rel: str) -> bool:
+    return False
 
 
 def _fresh_images_dir(images: Path) -> None:

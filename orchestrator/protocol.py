@@ -81,9 +81,10 @@ MESSAGE_TYPES: dict[str, _F] = {
 }
 
 CHECKPOINT_STAGES = ("prepare", "stop", "checkpoint", "resume_cp")
+SEAL_STAGE = "seal"   # after resume_cp: the images get their manifest while the units run again
 RESTART_STAGES = ("rebuild", "resume_rst")
 ABORT_STAGE = "abort"
-STAGES = CHECKPOINT_STAGES + RESTART_STAGES + (ABORT_STAGE,)
+STAGES = CHECKPOINT_STAGES + (SEAL_STAGE,) + RESTART_STAGES + (ABORT_STAGE,)
 UNIT_STATES = ("pending", "running", "stopped", "exited", "failed", "lost", "restarting")
 
 

@@ -56,7 +56,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 __all__ = [
     "Store", "StoreError", "CorruptCheckpoint", "JobNotFound", "CheckpointNotFound",
@@ -274,13 +274,16 @@ def write_manifest(images_dir: str | os.PathLike[str], meta: dict[str, Any],
     return manifest
 
 
-def verify_manifest(images_dir: str | os.PathLike[str], strict: bool = False) -> dict[str, Any]:
+def verify_manifest(images_dir: str | os.PathLike[str], strict: bool = False,
+                    hash_files: Callable[[str], bool] | None = None) -> dict[str, Any]:
     """Check every file the manifest names (presence, size, sha256); return the manifest.
 
     Raises ``CorruptCheckpoint`` naming the file and what is wrong: no manifest,
     unparsable manifest, missing file, truncated (or grown) file, sha256
     mismatch (tampered).  Files the manifest does not name are ignored unless
-    ``strict`` (see the module docstring for why).
+    ``strict`` (see the module docstring for why).  ``hash_files(relpath)`` picks
+    the files whose sha256 is checked (default: all; the others get presence and
+    size only, see ``verify_hashes``).
     """
     images_dir = Path(images_dir)
     mpath = images_dir / MANIFEST
@@ -318,21 +321,39 @@ def verify_manifest(images_dir: str | os.PathLike[str], strict: bool = False) ->
             raise CorruptCheckpoint(f"{p}: truncated: {st.st_size} bytes, manifest says {want}")
         if st.st_size > want:
             raise CorruptCheckpoint(f"{p}: size mismatch: {st.st_size} bytes, manifest says {want}")
-        try:
-            size, digest = _hash_file(p, fsync=False)
-        except StoreError as e:
-            raise CorruptCheckpoint(str(e)) from None
-        except OSError as e:
-            raise CorruptCheckpoint(f"{p}: cannot read: {e.strerror or e}") from None
-        if size != want:
-            raise CorruptCheckpoint(f"{p}: size mismatch: {size} bytes, manifest says {want}")
-        if digest != entry["sha256"]:
-            raise CorruptCheckpoint(f"{p}: sha256 mismatch: the image was modified (tampered)")
+        if hash_files is None or hash_files(rel):
+            _check_digest(p, entry)
     if strict:
         for rel, p in _image_files(images_dir):
             if rel not in files:
                 raise CorruptCheckpoint(f"{p}: extra file not in the manifest")
     return manifest
+
+
+def verify_hashes(images_dir: str | os.PathLike[str], manifest: dict[str, Any],
+                  hash_files: Callable[[str], bool]) -> None:
+    """The sha256 check of the files ``hash_files`` picks, against a manifest that
+    ``verify_manifest`` already accepted; raises ``CorruptCheckpoint`` naming the file."""
+    images_dir = Path(images_dir)
+    for rel, entry in sorted(manifest["files"].items()):
+        if hash_files(rel):
+            _check_digest(images_dir / rel, entry)
+
+
+def _check_digest(p: Path, entry: dict[str, Any]) -> None:
+    want = entry["size"]
+    try:
+        size, digest = _hash_file(p, fsync=False)
+    except StoreError as e:
+        raise CorruptCheckpoint(str(e)) from None
+    except FileNotFoundError:
+        raise CorruptCheckpoint(f"{p}: missing (listed in the manifest)") from None
+    except OSError as e:
+        raise CorruptCheckpoint(f"{p}: cannot read: {e.strerror or e}") from None
+    if size != want:
+        raise CorruptCheckpoint(f"{p}: size mismatch: {size} bytes, manifest says {want}")
+    if digest != entry["sha256"]:
+        raise CorruptCheckpoint(f"{p}: sha256 mismatch: the image was modified (tampered)")
 
 
 # ---------------------------------------------------------------------------

@@ -128,12 +128,25 @@ def stage_table(result: dict[str, Any]) -> str:
     ``result`` is shaped like ``gridckpt checkpoint --json``: ``units`` with
     name, node, seq, bytes, total_ms and stages_ms {prepare, stop, checkpoint,
     resume_cp}; the job row takes the job-level ``stages_ms`` (wall time of
-    each stage across all units) if present, and ``total_ms``.
+    each stage across all units) if present, and ``total_ms``.  When the units
+    were sealed after they resumed (``stages_ms.seal``), two more columns follow
+    ``total``: ``seal`` (hashing the images and writing the manifest while the
+    unit runs) and ``committed`` (job row: time until the checkpoint was durable
+    and listed, ``committed_ms``).
     """
     return _timed_table(result, ("unit", "node", "seq", "bytes"), CHECKPOINT_STAGES,
                         lambda u: [u.get("name"), u.get("node"), u.get("seq"), fmt_bytes(u.get("bytes"))],
                         lambda us: [DASH, DASH, _sum_bytes(us)],
-                        numeric=(False, False, True, True))
+                        numeric=(False, False, True, True),
+                        after=_seal_columns(result))
+
+
+def _seal_columns(result: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    if "seal" not in (result.get("stages_ms") or {}):
+        return []
+    return [("seal", lambda u: fmt_ms((u.get("stages_ms") or {}).get("seal")),
+             fmt_ms((result.get("stages_ms") or {}).get("seal"))),
+            ("committed", lambda u: DASH, fmt_ms(result.get("committed_ms")))]
 
 
 def restart_table(result: dict[str, Any]) -> str:
@@ -153,17 +166,20 @@ def _sum_bytes(units: list[dict[str, Any]]) -> str:
 
 
 def _timed_table(result: dict[str, Any], lead: Sequence[str], stages: Sequence[str],
-                 unit_cells, job_cells, numeric: Sequence[bool]) -> str:
+                 unit_cells, job_cells, numeric: Sequence[bool],
+                 after: Sequence[tuple[str, Any, str]] = ()) -> str:
+    """``after``: extra columns past ``total``, as (header, unit row -> cell, job cell)."""
     units = [u for u in result.get("units") or [] if isinstance(u, dict)]
-    headers = [*lead, *stages, "total"]
-    right = [*numeric, *([True] * (len(stages) + 1))]
+    headers = [*lead, *stages, "total", *(h for h, _, _ in after)]
+    right = [*numeric, *([True] * (len(stages) + 1 + len(after)))]
     rows = []
     for u in units:
         st = u.get("stages_ms") or {}
-        rows.append([*unit_cells(u), *(fmt_ms(st.get(s)) for s in stages), fmt_ms(u.get("total_ms"))])
+        rows.append([*unit_cells(u), *(fmt_ms(st.get(s)) for s in stages), fmt_ms(u.get("total_ms")),
+                     *(cell(u) for _, cell, _ in after)])
     job_st = result.get("stages_ms") or {}
     rows.append(["job", *job_cells(units), *(fmt_ms(job_st.get(s)) for s in stages),
-                 fmt_ms(result.get("total_ms"))])
+                 fmt_ms(result.get("total_ms")), *(job for _, _, job in after)])
     return format_table(headers, rows, right, rule_before=(len(rows) - 1,) if units else ())
 
 

@@ -86,7 +86,10 @@ def test_checkpoint_kill_restart_same_and_other_node(cluster: Cluster, tmp_path:
     ck = cluster.cli_json("checkpoint", job)
     assert {u["name"] for u in ck["units"]} == {"a", "b", "c"}
     for u in ck["units"]:
-        assert set(u["stages_ms"]) == {"prepare", "stop", "checkpoint", "resume_cp"} and u["bytes"] > 0
+        # sealed (hashed, manifest written) after resume_cp: not part of the unit's total
+        assert set(u["stages_ms"]) == {"prepare", "stop", "checkpoint", "resume_cp", "seal"} and u["bytes"] > 0
+        assert u["total_ms"] < sum(u["stages_ms"].values())
+    assert 0 < ck["total_ms"] <= ck["committed_ms"]
     at_ckpt = {u: _step(cluster, job, u) for u in "abc"}
     table = cluster.cli("checkpoints", job)
     assert ck["checkpoint"] in table.stdout
@@ -130,6 +133,23 @@ def test_failing_pre_checkpoint_callback_aborts_cleanly(cluster: Cluster, tmp_pa
     for u in "abc":  # every unit was resumed and makes progress
         _wait_step(cluster, job, u, _step(cluster, job, u))
     assert st["state"] == "running"
+
+
+def test_seal_failing_after_resume_aborts_cleanly(cluster: Cluster, tmp_path: Path) -> None:
+    """The units resume before their images are sealed; a seal that fails then still aborts:
+    nothing listed, no partial images, the job runs on (here a post_checkpoint callback,
+    which runs in resume_cp, destroys unit a's images before they are sealed)."""
+    _start(cluster)
+    job = cluster.submit(_three_units(
+        tmp_path, a_extra='callbacks = { post_checkpoint = ["sh", "-c", "rm -rf \\"$GRIDCKPT_IMAGES\\""] }'))
+    cluster.wait_status(job, _running)
+    r = cluster.cli("checkpoint", job)
+    assert r.returncode == 1 and "aborted" in r.stderr and "seal" in r.stderr, r.stderr
+    assert cluster.cli_json("checkpoints", job) == []
+    assert not _partial_dirs(cluster, job)
+    cluster.wait_status(job, _running)
+    for u in "abc":
+        _wait_step(cluster, job, u, _step(cluster, job, u))
 
 
 def test_unit_dying_mid_checkpoint_aborts(cluster: Cluster, tmp_path: Path) -> None:
@@ -216,6 +236,34 @@ def test_tampered_image_is_refused_before_the_job_is_touched(cluster: Cluster, t
     victim.write_bytes(victim.read_bytes()[:100])  # truncated
     r = cluster.cli("restart", job)
     assert r.returncode == 1 and victim.name in r.stderr, r.stderr
+
+
+def test_tampered_pages_of_a_dead_job_are_caught_while_restoring(cluster: Cluster, tmp_path: Path) -> None:
+    """With no live unit at stake the orchestrator checks sizes only and the agent hashes CRIU's
+    page data while CRIU restores: a flipped byte still fails the restart, naming the file,
+    and the restored tree (stopped, never resumed) is killed."""
+    _start(cluster, ("n1", "n2"))
+    job = cluster.submit(_three_units(tmp_path))
+    cluster.wait_status(job, _running)
+    ck = cluster.cli_json("checkpoint", job)
+    seq = next(u["seq"] for u in ck["units"] if u["name"] == "a")
+    images = cluster.store / "jobs" / job / "units" / "a" / str(seq)
+    victim = max(images.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    st = cluster.cli_json("status", job)
+    for u in st["units"]:
+        os.kill(u["pid"], signal.SIGKILL)
+    cluster.wait_status(job, lambda s: all(u["state"] == "failed" for u in s["units"]), timeout=5)
+    r = cluster.cli("restart", job)
+    assert r.returncode == 1 and victim.name in r.stderr and "sha256" in r.stderr, r.stderr
+    st = cluster.wait_status(job, lambda s: s["state"] == "failed")
+    assert all(u["state"] in ("failed", "exited", "cancelled") for u in st["units"]), st
+    freezer = Path("/sys/fs/cgroup/freezer/gridckpt") / job / "a" / "cgroup.procs"
+    left = [p for p in (freezer.read_text().split() if freezer.exists() else [])
+            if Path(f"/proc/{p}/stat").exists() and Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]
+    assert not left, f"the restored tree of a survived: {left}"
 
 
 def test_periodic_checkpoints_and_auto_restart(cluster: Cluster, tmp_path: Path) -> None:

@@ -86,6 +86,34 @@ async def test_redelivered_stages_run_once(env):
     await runner.run(u, "abort", "ck2", 2)
 
 
+async def test_seal_later_resumes_before_the_manifest(env):
+    store, runner, start = env
+    u = await start("a")
+    images = store.images_dir("job1", "a", 1)
+    args = {"seal_later": True}
+    for stage in ("prepare", "stop", "checkpoint"):
+        await runner.run(u, stage, "ck1", 1, args)
+    assert not (images / "manifest.json").exists()
+    await runner.run(u, "resume_cp", "ck1", 1, args)
+    n = len(counts(u))
+    await wait_for(lambda: len(counts(u)) > n + 3)   # it runs while its images are not sealed yet
+    sealed = await runner.run(u, "seal", "ck1", 1, args)
+    manifest = store.images_dir("job1", "a", 1) / "manifest.json"
+    assert manifest.is_file() and sealed["data"]["bytes"] > 0 and sealed["data"]["files"] >= 1
+    assert await runner.run(u, "seal", "ck1", 1, args) == sealed   # redelivered: not sealed twice
+    # sealing a checkpoint this agent never wrote is refused with a reason
+    with pytest.raises(CheckpointError, match="no unsealed images"):
+        await runner.run(u, "seal", "ck9", 9, args)
+    # a checkpoint abandoned after its units resumed: images gone, unit untouched
+    for stage in ("prepare", "stop", "checkpoint", "resume_cp"):
+        await runner.run(u, stage, "ck2", 2, args)
+    assert store.images_dir("job1", "a", 2).is_dir()
+    await runner.run(u, "abort", "ck2", 2, args)
+    assert not store.images_dir("job1", "a", 2).exists() and u.state == "running"
+    n = len(counts(u))
+    await wait_for(lambda: len(counts(u)) > n + 3)
+
+
 async def test_failure_is_remembered_not_retried(env, tmp_path):
     store, runner, start = env
     log = tmp_path / "calls"

@@ -27,7 +27,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 
 class CheckpointError(RuntimeError):
@@ -82,6 +82,9 @@ class Checkpointer(abc.ABC):
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    #: Optional ``relpath -> bool``: image files that only reach the restored tree, which stays
+    #: stopped until resume_rst, so their sha256 may be checked while ``rebuild`` runs.
+    hashed_while_restoring: ClassVar[Callable[[str], bool] | None] = None
 
     @abc.abstractmethod
     def plan_launch(self, unit: UnitProcess, argv: list[str]) -> LaunchPlan:

@@ -263,6 +263,12 @@ class CriuCheckpointer(Checkpointer):
                 problems.append(f"file {path} changed (size {size}, checkpointed {f['size']})")
         return problems
 
+    @staticmethod
+    def hashed_while_restoring(rel: str) -> bool:
+        """Page data only reaches the restored processes' memory, which stays stopped until
+        resume_rst: its sha256 may be checked while CRIU restores (see stages._rebuild)."""
+        return rel.startswith("pages-") and rel.endswith(".img") and "/" not in rel
+
     async def rebuild(self, unit: UnitProcess, images: Path) -> None:
         images = Path(images)
         meta = await asyncio.to_thread(_load_meta, images)
@@ -274,7 +280,7 @@ class CriuCheckpointer(Checkpointer):
             f"criu restore of unit {unit.name}",
             ["restore", "-D", str(images), "--restore-detached", "--restore-sibling",
              "--leave-stopped", "--pidfile", str(pidfile), *_COMMON],
-            f"restore-{tag}.log")
+            f"restore-{tag}.log", started=lambda pid: self._into_cgroup(unit, pid))
         try:
             pid = int(pidfile.read_text())
         finally:
@@ -284,6 +290,24 @@ class CriuCheckpointer(Checkpointer):
         unit.root_pid = pid
         self._tree_size[pid] = len(meta["pids"])
         self._watch(pid)
+
+    @staticmethod
+    async def _into_cgroup(unit: UnitProcess, criu_pid: int) -> None:
+        """Move the restoring criu into the unit's freezer cgroup, so that the tree it forks is
+        born there.  A cgroup move waits for an RCU grace period (~10 ms here) when none ran
+        lately; done now, that wait overlaps criu's own start-up (its kernel probe) instead of
+        following the restore.  Best effort: whatever is born outside is moved afterwards."""
+        if not unit.freezer_path:
+            return
+
+        def move() -> None:
+            try:
+                with open(os.path.join(unit.freezer_path, "cgroup.procs"), "w") as f:  # type: ignore[arg-type]
+                    f.write(str(criu_pid))
+            except OSError:
+                pass   # criu already gone, or no cgroup: the agent attaches the tree itself
+
+        await asyncio.to_thread(move)
 
     async def resume_rst(self, unit: UnitProcess) -> None:
         root = unit.root_pid
