@@ -47,29 +47,61 @@ def med(xs: list[float]) -> float:
 
 
 class Embedded:
-    """An orchestrator and one agent in this process, on separate bus connections."""
+    """An orchestrator in this process and one agent: in this process too (memory://, which
+    has no other way), or as its own ``gridckpt agent`` daemon (amqp://, as deployed: the
+    two daemons then do not share one Python interpreter's CPU time)."""
 
     def __init__(self, url: str, store: Path) -> None:
         self.url = url
         self.store = Store(store)
+        self.agent: NodeAgent | None = None
+        self.agent_proc: subprocess.Popen | None = None
 
     async def __aenter__(self) -> "Embedded":
-        self.obus, self.abus = open_bus(self.url), open_bus(self.url)
+        self.obus = open_bus(self.url)
         await self.obus.connect()
-        await self.abus.connect()
         self.orch = Orchestrator(self.obus, self.store, heartbeat_interval=0.5)
-        self.agent = NodeAgent(self.abus, self.store, "bench", "b", heartbeat_interval=0.5)
         await self.orch.start()
-        await self.agent.start()
+        if self.url.startswith("memory:"):
+            self.abus = open_bus(self.url)
+            await self.abus.connect()
+            self.agent = NodeAgent(self.abus, self.store, "bench", "b", heartbeat_interval=0.5)
+            await self.agent.start()
+        else:
+            self.agent_proc = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator.cli", "agent", "--broker", self.url, "--store",
+                 str(self.store.root), "--node", "bench", "--site", "b", "--heartbeat", "0.5"],
+                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
         while not self.orch.live_agents():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the agent did not register")
             await asyncio.sleep(0.01)
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        await self.agent.stop(kill_units=True)
+        if self.agent is not None:
+            await self.agent.stop(kill_units=True)
+            await self.abus.close()
+        for job in list(self.orch.jobs):
+            try:
+                await self.orch.control("cancel", {"job": job})
+            except Exception:
+                pass
+        if self.agent_proc is not None:
+            self.agent_proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(self.agent_proc.wait, 30)
         await self.orch.stop()
-        await self.abus.close()
         await self.obus.close()
+
+    def kill_unit(self, job: str, unit: str) -> None:
+        """kill -9 every process of the unit (its freezer cgroup lists them)."""
+        procs = Path("/sys/fs/cgroup/freezer/gridckpt") / job / unit / "cgroup.procs"
+        for pid in procs.read_text().split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     async def submit(self, spec: dict[str, Any]) -> str:
         job = (await self.orch.control("submit", {"spec": spec}))["job"]
@@ -100,9 +132,7 @@ async def gridckpt_runs(url: str, binary: Path, work: Path, runs: int) -> dict[s
             add("checkpoint total", ck["total_ms"])
             for stage, ms in ck["stages_ms"].items():
                 add(f"checkpoint {stage}", ms)
-            unit = e.agent.units[(job, "counter")]
-            for pid in unit.pids():
-                os.kill(pid, signal.SIGKILL)
+            e.kill_unit(job, "counter")
             while e.orch.jobs[job].units["counter"].state != "failed":
                 await asyncio.sleep(0.005)
             rs = await e.orch.control("restart", {"job": job, "checkpoint": ck["checkpoint"]})

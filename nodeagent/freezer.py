@@ -118,15 +118,55 @@ def _write(path: str, text: str) -> None:
 
 
 def tree_pids(root: int | None) -> list[int]:
-    """The live pids of root and its descendants (zombies excluded)."""
+    """The live pids of root and its descendants (zombies excluded).
+
+    Walks ``/proc/PID/task/TID/children`` (tens of microseconds for a small tree); where the
+    kernel lacks that file, psutil's scan of every process (about a millisecond)."""
     if root is None:
         return []
+    try:
+        return _walk_children(root)
+    except _NoChildrenFile:
+        pass
     try:
         proc = psutil.Process(root)
         procs = [proc] + proc.children(recursive=True)
     except psutil.Error:
         return []
     return [p.pid for p in procs if _alive(p)]
+
+
+class _NoChildrenFile(Exception):
+    pass
+
+
+def _walk_children(root: int) -> list[int]:
+    out, todo, seen = [], [root], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+            tids = os.listdir(f"/proc/{pid}/task")
+        except (OSError, IndexError):
+            continue              # gone meanwhile
+        if state in (b"Z", b"X"):
+            continue
+        out.append(pid)
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                    todo.extend(int(c) for c in f.read().split())
+            except FileNotFoundError:
+                if not os.path.exists(f"/proc/{pid}/task/{tid}"):
+                    continue      # the thread ended
+                raise _NoChildrenFile() from None
+            except OSError:
+                continue
+    return out
 
 
 def session_pids(sid: int | None) -> list[int]:

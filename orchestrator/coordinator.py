@@ -171,8 +171,11 @@ class Coordinator:
             total_ms = _ms(t_all)
 
         try:
-            seqs = await asyncio.to_thread(lambda: {u.name: store.next_seq(job.id, u.name) for u in units})
-            await asyncio.to_thread(store.begin_checkpoint, job.id, ckpt_id, seqs)
+            def begin() -> dict[str, int]:
+                seqs = {u.name: store.next_seq(job.id, u.name) for u in units}
+                store.begin_checkpoint(job.id, ckpt_id, seqs)
+                return seqs
+            seqs = await asyncio.to_thread(begin)
             for u in units:
                 per_unit[u.name]["seq"] = seqs[u.name]
             args = {u.name: {"seq": seqs[u.name], "timeout": self._timeout(job), "seal_later": seal_later,
@@ -438,8 +441,9 @@ class Coordinator:
                     if pid:
                         per_unit[name]["pid"] = job.units[name].pid = pid
             interposed = set(job.interposed())
-            await asyncio.to_thread(lambda: [self.orch.determinants.rollback(job.id, n, intervals[n])
-                                             for n in names if n in interposed])
+            if interposed & set(names):
+                await asyncio.to_thread(lambda: [self.orch.determinants.rollback(job.id, n, intervals[n])
+                                                 for n in names if n in interposed])
         except StageFailed as exc:
             job.busy = ""
             await self.kill_units(job, names)
@@ -450,6 +454,7 @@ class Coordinator:
             await self.orch.save_job(job)
             event(log, "restart failed", logging.WARNING, job=job.id, reason=str(exc))
             raise ControlError(f"restart of {job.id} failed: {exc}") from None
+        total_ms = _ms(t_all)   # every unit runs again (as for a checkpoint's total)
         now = time.time()
         for n in names:
             u = job.units[n]
@@ -462,7 +467,7 @@ class Coordinator:
         for pu in per_unit.values():
             pu["total_ms"] = round(sum(pu["stages_ms"].values()), 2)
         event(log, "job restarted", job=job.id, source=label, units=",".join(names))
-        return {"job": job.id, "from": label, "total_ms": _ms(t_all), "stages_ms": stages_ms,
+        return {"job": job.id, "from": label, "total_ms": total_ms, "stages_ms": stages_ms,
                 "units": list(per_unit.values())}
 
     async def auto_restart(self, job: JobState) -> None:

@@ -117,54 +117,50 @@ class CriuCheckpointer(Checkpointer):
 
     async def checkpoint(self, unit: UnitProcess, images: Path) -> None:
         images = Path(images)
-        root = await asyncio.to_thread(self._dump_root, unit)
-        images.mkdir(parents=True, exist_ok=True)
-        args = ["dump", "-t", str(root), "-D", str(images), "--leave-running", *_COMMON]
-        if unit.freezer_path and os.path.isdir(unit.freezer_path):
-            args += ["--freeze-cgroup", unit.freezer_path]
-        log = f"dump-{_safe(unit.job)}-{_safe(unit.name)}.log"
-        results = await asyncio.gather(
-            self._dump_in_cwd(root, f"criu dump of unit {unit.name}", args, log),
-            asyncio.to_thread(self._scan, root, images),
-            self._node_cpuinfo(),
-            return_exceptions=True)
+        cpuinfo = await self._node_cpuinfo()
+        root, lock = await asyncio.to_thread(self._before_dump, unit, images)
+        try:
+            if lock is not None and not lock.held:
+                await asyncio.to_thread(lock.wait)
+            args = ["dump", "-t", str(root), "-D", str(images), "--leave-running", *_COMMON]
+            if unit.freezer_path and os.path.isdir(unit.freezer_path):
+                args += ["--freeze-cgroup", unit.freezer_path]
+            log = f"dump-{_safe(unit.job)}-{_safe(unit.name)}.log"
+            results = await asyncio.gather(
+                self.runner.run(f"criu dump of unit {unit.name}", args, log),
+                asyncio.to_thread(self._scan_and_describe, root, images, cpuinfo),
+                return_exceptions=True)
+        finally:
+            if lock is not None:
+                lock.release()
         for result in results:
             if isinstance(result, CheckpointError):
                 raise result
             if isinstance(result, BaseException):
                 raise CheckpointError(f"checkpoint of unit {unit.name} failed: {result}") from result
-        tree: TreeFiles = results[1]  # type: ignore[assignment]
-        cpuinfo: bytes = results[2]   # type: ignore[assignment]
-        meta = {"version": META_VERSION, "node": os.uname().nodename, "root_pid": root,
-                "criu": self.runner.criu, **tree.as_dict()}
-        await asyncio.to_thread(self._write_meta, images, meta, cpuinfo)
 
-    async def _dump_in_cwd(self, root: int, what: str, args: list[str], log: str) -> None:
-        """Run a dump holding a lock on the unit's working directory.
+    def _before_dump(self, unit: UnitProcess, images: Path) -> tuple[int, "_CwdLock | None"]:
+        """(thread) The namespace init to dump, the images dir, and the unit's cwd lock.
 
         The process whose /proc is not its PID namespace's (our units: no mount namespace)
         makes CRIU's parasite mount a procfs at ``<cwd>/proc.crtools``; two dumps of units
         sharing a cwd (units of one job file, on one or several agents of a host) would
         collide there (EEXIST).  A per-cwd flock serialises just those dumps.
         """
+        root = self._dump_root(unit)
+        images.mkdir(parents=True, exist_ok=True)
         try:
-            cwd = await asyncio.to_thread(os.readlink, f"/proc/{root}/cwd")
+            cwd = os.readlink(f"/proc/{root}/cwd")
         except OSError:
-            cwd = ""
-        if not cwd:
-            return await self.runner.run(what, args, log)
-        lock_dir = Path(tempfile.gettempdir()) / "gridckpt-criu-locks"
-        lock_dir.mkdir(exist_ok=True)
-        fd = os.open(lock_dir / (hashlib.sha1(cwd.encode()).hexdigest()[:20] + ".lock"),
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
-            await self.runner.run(what, args, log)
-        finally:
-            os.close(fd)
+            return root, None
+        return root, _CwdLock(cwd)
+
+    def _scan_and_describe(self, root: int, images: Path, cpuinfo: bytes) -> None:
+        """(thread, while criu dumps) The files the tree holds, then gridckpt-criu.json."""
+        tree = self._scan(root, images)
+        meta = {"version": META_VERSION, "node": os.uname().nodename, "root_pid": root,
+                "criu": self.runner.criu, **tree.as_dict()}
+        self._write_meta(images, meta, cpuinfo)
 
     def _dump_root(self, unit: UnitProcess) -> int:
         """The init of the unit's PID namespace (a child of ``unshare``, or the root itself)."""
@@ -354,6 +350,29 @@ class CriuCheckpointer(Checkpointer):
         """
         done = self._exits.get(pid)
         return None if done is None else await asyncio.shield(done)
+
+
+class _CwdLock:
+    """An exclusive flock on a per-directory lock file (see CriuCheckpointer._before_dump)."""
+
+    def __init__(self, cwd: str) -> None:
+        lock_dir = Path(tempfile.gettempdir()) / "gridckpt-criu-locks"
+        lock_dir.mkdir(exist_ok=True)
+        self.fd = os.open(lock_dir / (hashlib.sha1(cwd.encode()).hexdigest()[:20] + ".lock"),
+                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.held = True
+        except BlockingIOError:
+            self.held = False
+
+    def wait(self) -> None:
+        """(thread) Block until the lock is ours."""
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.held = True
+
+    def release(self) -> None:
+        os.close(self.fd)
 
 
 def _load_meta(images: Path) -> dict[str, Any]:
