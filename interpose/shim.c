@@ -819,8 +819,9 @@ static inline void fdtab_put(int fd, uint64_t e) {
 }
 
 /* Fill the reserved record `r` and publish it (magic last, release). */
-static inline void write_record(struct gc_record *r, const struct gc_ctl_slot *s, int kind, uint64_t e,
-                                uint64_t start, uint64_t n, uint32_t tid) {
+static inline __attribute__((always_inline)) void write_record(struct gc_record *r, const struct gc_ctl_slot *s,
+                                                               int kind, uint64_t e, uint64_t start, uint64_t n,
+                                                               uint32_t tid) {
     r->version = GC_REC_VERSION;
     r->kind = (uint8_t)kind;
     r->family = (uint8_t)s->family;
@@ -853,6 +854,23 @@ static inline void write_record(struct gc_record *r, const struct gc_ctl_slot *s
     }
 }
 
+/* A record slot in this process's log.  In a single-threaded process (glibc's
+ * __libc_single_threaded, weak: older glibc means "maybe not") no other thread can race
+ * for the counter, and one non-locked read-modify-write instruction is still atomic with
+ * respect to a signal handler on this thread: no lock prefix, no store-buffer drain. */
+extern char __libc_single_threaded __attribute__((weak));
+
+static inline uint64_t reserve_record(void) {
+#if defined(__x86_64__)
+    if (LIKELY(&__libc_single_threaded != NULL && __libc_single_threaded)) {
+        uint64_t v = 1;
+        __asm__ volatile("xaddq %0, %1" : "+r"(v), "+m"(g_next) : : "memory");
+        return v;
+    }
+#endif
+    return __atomic_fetch_add(&g_next, 1, __ATOMIC_RELAXED);
+}
+
 /* The general path of a record: classifies the fd, opens the log, maps a new segment,
  * learns the thread id.  May make syscalls: guarded against re-entry, keeps errno.
  * `reserved` is a record index already taken by the fast path (or UINT64_MAX), `start`
@@ -880,7 +898,7 @@ static __attribute__((noinline, cold)) void note_slow(int fd, int kind, uint64_t
                     goto out;
                 }
             }
-            reserved = __atomic_fetch_add(&g_next, 1, __ATOMIC_RELAXED);
+            reserved = reserve_record();
         }
         struct gc_record *r = slot_at(reserved);
         if (UNLIKELY(!r)) {
@@ -898,26 +916,31 @@ out:
 
 /* Record that `n` bytes moved on fd in direction `kind`.  Called after every transfer;
  * records only if n > 0.  The common case (a known TCP fd, log open, segment mapped, thread
- * id known) makes no call but the vDSO clock and never touches errno; it needs no re-entry
- * guard either: a signal handler's record reserves its own offsets and slot. */
+ * id known) makes no call at all and never touches errno; it needs no re-entry guard
+ * beyond the check (a signal handler's record reserves its own offsets and slot).  A
+ * non-socket fd costs one table load. */
 static inline void note(int fd, int kind, ssize_t n) {
-    if (n <= 0 || !g_enabled || t_guard)
+    if (n <= 0)
         return;
-    uint64_t e = fdtab_get(fd);
-    if (LIKELY(E_KIND(e) == K_OTHER))
-        return;
-    if (UNLIKELY((unsigned)fd >= g_fdtab_size)) { /* beyond the table: classify every time */
-        note_slow(fd, kind, (uint64_t)n, K_UNKNOWN, UINT64_MAX, 0);
-        return;
+    uint64_t e;
+    if (LIKELY((unsigned)fd < g_fdtab_size)) { /* 0 while the shim is disabled */
+        e = __atomic_load_n(&g_fdtab[fd], __ATOMIC_RELAXED);
+        if (LIKELY(E_KIND(e) == K_OTHER))
+            return;
+    } else {
+        e = K_UNKNOWN; /* beyond the table: classify every time */
     }
-    if (UNLIKELY(E_KIND(e) != K_CONN || __atomic_load_n(&g_log_state, __ATOMIC_ACQUIRE) != LOG_OPEN)) {
+    if (UNLIKELY(!g_enabled || t_guard))
+        return;
+    if (UNLIKELY(E_KIND(e) != K_CONN || (unsigned)fd >= g_fdtab_size ||
+                 __atomic_load_n(&g_log_state, __ATOMIC_ACQUIRE) != LOG_OPEN)) {
         note_slow(fd, kind, (uint64_t)n, e, UINT64_MAX, 0);
         return;
     }
     struct gc_ctl_slot *s = &g_slots[E_SLOT(e)];
     uint64_t start = __atomic_fetch_add(kind == GC_KIND_SEND ? &s->send_off : &s->recv_off, (uint64_t)n,
                                         __ATOMIC_RELAXED);
-    uint64_t idx = __atomic_fetch_add(&g_next, 1, __ATOMIC_RELAXED);
+    uint64_t idx = reserve_record();
     uint64_t seg = idx / SEG_RECORDS;
     char *base = LIKELY(seg < MAX_SEGS) ? __atomic_load_n(&g_segs[seg], __ATOMIC_ACQUIRE) : NULL;
     uint32_t tid = t_tid;
