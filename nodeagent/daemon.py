@@ -65,7 +65,8 @@ class NodeAgent:
         self._tasks: set[asyncio.Task] = set()
         self._consumer: Any = None
         self._hb_task: asyncio.Task | None = None
-        self._watchdogs: dict[tuple[str, str, str], asyncio.Task] = {}
+        self._watchdogs: dict[tuple[str, str, str], asyncio.TimerHandle] = {}
+        self._saved: dict[tuple[str, str], tuple] = {}   # what the unit list file holds of each unit
         self._save_task: asyncio.Task | None = None
         self._events: asyncio.Queue = asyncio.Queue()
         self._event_task: asyncio.Task | None = None
@@ -145,9 +146,12 @@ class NodeAgent:
             self._consumer = None
         for q in self._queues.values():
             await q.join()
-        for t in list(self._workers.values()) + list(self._tasks) + list(self._watchdogs.values()):
+        for dog in self._watchdogs.values():
+            dog.cancel()
+        self._watchdogs.clear()
+        for t in list(self._workers.values()) + list(self._tasks):
             t.cancel()
-        await asyncio.gather(*self._workers.values(), *self._tasks, *self._watchdogs.values(), return_exceptions=True)
+        await asyncio.gather(*self._workers.values(), *self._tasks, return_exceptions=True)
         await self.shipper.stop()
         if self._hb_task:
             self._hb_task.cancel()
@@ -192,16 +196,27 @@ class NodeAgent:
     async def _on_unit_state(self, unit: Unit) -> None:
         """A unit changed state: report it in order, without holding up the stage that changed it
         (freeze and thaw must not wait for a quorum queue's confirm)."""
-        self._save_soon()
-        self._events.put_nowait(self._unit_report(unit))
+        key, row = (unit.job, unit.name), (unit.root_pid, unit.started, unit.ended)
+        if self._saved.get(key) != row:
+            self._saved[key] = row
+            self._save_soon()
+            self._events.put_nowait(self._unit_report(unit))
+        else:   # freeze or thaw of the same tree: nothing the file holds changed, nor the
+            # process count (the orchestrator keeps the last one): no scan of the tree
+            self._events.put_nowait({"job": unit.job, "unit": unit.name, "state": unit.state,
+                                     "started": unit.started or 0.0, "pid": unit.root_pid})
         if self._event_task is None or self._event_task.done():
             self._event_task = asyncio.create_task(self._publish_events())
 
     async def _publish_events(self) -> None:
-        """Publish queued unit events one by one, in order, each with its confirm."""
+        """Publish queued unit events in order, each message with its confirm.  What queued up
+        meanwhile (a stage froze or thawed many units) goes as one message: the first report in
+        its fields, the others in ``more``."""
         key = protocol.event_key(self.site, self.node)
         while not self._events.empty():
-            await self._emit(key, "unit_event", node=self.node, **self._events.get_nowait())
+            batch = [self._events.get_nowait() for _ in range(min(self._events.qsize(), 512))]
+            await self._emit(key, "unit_event", node=self.node, **batch[0],
+                             **({"more": batch[1:]} if len(batch) > 1 else {}))
 
     # ----------------------------------------------------------------- commands
     async def _on_command(self, msg: dict[str, Any], d: Delivery) -> None:
@@ -312,8 +327,8 @@ class NodeAgent:
         delay = 2 * float(args.get("timeout") or 30.0)
         key = (unit.job, unit.name, ckpt)
 
-        async def fire() -> None:
-            await asyncio.sleep(delay)
+        def fire() -> None:     # a timer, not a task per unit and checkpoint
+            self._watchdogs.pop(key, None)
             event(log, "no resume_cp or abort in time: abandoning the checkpoint and thawing", logging.WARNING,
                   job=unit.job, unit=unit.name, checkpoint=ckpt, waited_s=delay)
             self._on_command_local(protocol.make("stage", job=unit.job, unit=unit.name, checkpoint=ckpt,
@@ -322,7 +337,7 @@ class NodeAgent:
         old = self._watchdogs.pop(key, None)
         if old is not None:
             old.cancel()
-        self._watchdogs[key] = asyncio.create_task(fire())
+        self._watchdogs[key] = asyncio.get_running_loop().call_later(delay, fire)
 
     def _on_command_local(self, msg: dict[str, Any]) -> None:
         """Queue a command as if it had come from the bus (serialised with the unit's others)."""
@@ -378,9 +393,9 @@ class NodeAgent:
             else:
                 limit = 2 * float(args.get("timeout") or 30.0)  # a stuck stage must not block the unit forever
                 try:
-                    res = await asyncio.wait_for(self.runner.run(unit, stage, ckpt, int(args.get("seq", 0)), args),
-                                                 limit)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(limit):   # in this task: no task per unit and stage
+                        res = await self.runner.run(unit, stage, ckpt, int(args.get("seq", 0)), args)
+                except TimeoutError:
                     raise CheckpointError(f"{stage} of {name} did not finish within {limit:g} s") from None
                 if stage == "checkpoint" and "LD_PRELOAD" in unit.env:
                     res = dict(res, data={**res.get("data", {}), "shipped": await self.shipper.flush_unit(job, name)})
@@ -388,7 +403,7 @@ class NodeAgent:
                     self._arm_watchdog(unit, ckpt, args)
                 if stage in ("resume_cp", protocol.ABORT_STAGE):
                     dog = self._watchdogs.pop((job, name, ckpt), None)
-                    if dog is not None and dog is not asyncio.current_task():
+                    if dog is not None:
                         dog.cancel()
                 if stage == "resume_cp":
                     self._set_interval(unit, int(args.get("interval", args.get("seq", 0))))

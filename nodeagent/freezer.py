@@ -216,6 +216,7 @@ class Freezer:
         self.path: str | None = (os.path.join(self.mount, "gridckpt", job, unit)
                                  if self.mount else None)
         self.frozen = False
+        self._created = False
 
     # -- the cgroup itself -------------------------------------------------------------
     def create(self) -> None:
@@ -224,6 +225,7 @@ class Freezer:
             return
         try:
             os.makedirs(self.path, exist_ok=True)
+            self._created = True
         except OSError as e:
             raise CheckpointError(f"cannot create freezer cgroup {self.path}: {e.strerror}") from None
 
@@ -273,6 +275,7 @@ class Freezer:
             pass
         except OSError as e:
             return e.errno != errno.EBUSY
+        self._created = False
         try:
             os.rmdir(os.path.dirname(self.path))     # the job's directory, once empty
         except OSError:
@@ -314,7 +317,8 @@ class Freezer:
             await self._signal_stop(deadline)
             self.frozen = True
             return
-        self.create()
+        if not self._created:   # once: a makedirs per freeze costs two syscalls
+            self.create()
         delay = _POLL_FIRST
         try:
             while True:
@@ -348,15 +352,20 @@ class Freezer:
                 _kill(pid, signal.SIGCONT)
             self.frozen = False
             return
-        if not self.path or not os.path.isdir(self.path):
+        if not self.path:
             self.frozen = False
             return
         deadline = time.monotonic() + timeout
         delay = _POLL_FIRST
         try:
             while True:
-                self._thaw_now()
-                if not self.is_frozen() and (self.kind != "v1" or self._v1_state() == "THAWED"):
+                try:
+                    self._thaw_now()
+                except FileNotFoundError:   # no cgroup (any more): nothing is frozen
+                    self.frozen = False
+                    return
+                # v1: one read (THAWED, not FREEZING/FROZEN); v2: cgroup.events
+                if (self._v1_state() == "THAWED") if self.kind == "v1" else not self._v2_frozen():
                     self.frozen = False
                     return
                 if time.monotonic() > deadline:

@@ -38,7 +38,7 @@ from typing import Any
 from nodeagent.callbacks import run_callback
 from nodeagent.checkpointers.base import CheckpointError, Checkpointer, RestoreRefused
 from nodeagent.checkpointers.registry import make_backend
-from nodeagent.freezer import tree_pids
+from nodeagent.freezer import alive_pids, tree_pids
 from orchestrator.store import (MANIFEST, CorruptCheckpoint, Store, StoreError, verify_hashes, verify_manifest,
                                write_manifest)
 
@@ -129,7 +129,11 @@ class UnitStageRunner:
 
     @staticmethod
     def _require_alive(unit: Any, stage: str) -> None:
-        if getattr(unit, "ended", False) or unit.root_pid is None or not unit.pids():
+        # a unit ends with its root, and a Unit's watcher says so (``ended``) without a read;
+        # listing the whole tree (its cgroup, then every member's stat) cost several reads per
+        # unit and stage.  Objects without that watcher: the root's /proc/<pid>/stat.
+        ended = getattr(unit, "ended", None)
+        if ended or unit.root_pid is None or (ended is None and not alive_pids([unit.root_pid])):
             state = getattr(unit, "state", "gone")
             raise CheckpointError(f"{stage}: unit {unit.name} is not running (state {state})")
 

@@ -169,6 +169,9 @@ class Orchestrator:
         elif t == "unit_event":
             agent = self.agents.get(self._agent_key_of(msg["node"]))
             self._apply_unit_report(agent, msg, from_heartbeat=False)
+            for rep in msg.get("more") or ():   # the rest of a burst, in order
+                if isinstance(rep, dict) and all(isinstance(rep.get(k), str) for k in ("job", "unit", "state")):
+                    self._apply_unit_report(agent, rep, from_heartbeat=False)
         elif t == "stage_results":
             self.coordinator.on_stage_results(msg)
         elif t == "pong":

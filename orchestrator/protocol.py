@@ -55,7 +55,10 @@ MESSAGE_TYPES: dict[str, _F] = {
                  "hostname": (str, False), "capabilities": (dict, False), "store": (str, False)},
     "unit_event": {"job": (str, True), "unit": (str, True), "node": (str, True), "state": (str, True),
                    "pid": (int, False), "nprocs": (int, False), "exit_code": (int, False),
-                   "signal": (int, False), "detail": (str, False), "started": (_NUM, False)},
+                   "signal": (int, False), "detail": (str, False), "started": (_NUM, False),
+                   # further reports of the same agent, in order (a stage froze or thawed many
+                   # units at once): maps with the fields above but node
+                   "more": (list, False)},
     "stage_results": {"job": (str, True), "node": (str, True), "checkpoint": (str, True),
                       "stage": (str, True), "results": (dict, True)},
     "pong": {"node": (str, True), "ping": (str, True), "sent": (_NUM, False)},

@@ -31,7 +31,9 @@ Line protocol (version 1)
   An unknown request is answered ``ERROR unknown request <WORD>``.  Every request has a
   deadline (``timeout``, 30 s by default); no answer in time fails the stage, which aborts the
   checkpoint.  The program still answers, late; the agent discards that one owed answer, so
-  both sides stay in step.  A program may open several connections (one per process of its tree); then
+  both sides stay in step.  The agent does not wait for RESUME's ``OK`` either (leaving
+  quiescence cannot fail; the unit runs again at once): it reads and drops it when it comes,
+  and sends the next request only after it (one request on the wire at a time, always).  A program may open several connections (one per process of its tree); then
   every request goes to every connection and all must answer.
 * On restart the agent starts the unit's command afresh with ``GRIDCKPT_RESTORE=<dir>`` (the
   committed images directory, read-only: copy what you want to change) in the environment,
@@ -54,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import socket
 import tempfile
@@ -63,6 +66,8 @@ from typing import Any
 
 from nodeagent.checkpointers.base import (Capabilities, CheckpointError, Checkpointer,
                                           LaunchPlan, RestoreRefused, UnitProcess)
+
+log = logging.getLogger("gridckpt.app")
 
 PROTOCOL_VERSION = 1
 MAX_LINE = 65536
@@ -104,7 +109,9 @@ class _Conn:
         self.pending: asyncio.Future | None = None
         self.closed = asyncio.Event()
         self.lock = asyncio.Lock()
-        self.skip = 0       # answers still owed to requests that timed out: discard them
+        self.skip = 0       # answers owed to requests nobody waits for: discard them
+        self.settled = asyncio.Event()   # set while no answer is owed (skip == 0)
+        self.settled.set()
 
     async def pump(self) -> None:
         try:
@@ -118,8 +125,12 @@ class _Conn:
                 if text.startswith("HOOKS "):   # a hook registered after HELLO: not an answer
                     self.hooks = _parse_hooks(text[6:])
                     continue
-                if self.skip:           # a late answer to a request we gave up on
+                if self.skip:           # an answer nobody waits for (late, or to a RESUME)
                     self.skip -= 1
+                    if not self.skip:
+                        self.settled.set()
+                    if not text.startswith("OK") and not text.startswith("DONE"):
+                        log.warning("program pid %s answered late or unasked: %s", self.pid, text[:200])
                     continue
                 if self.pending is not None and not self.pending.done():
                     self.pending.set_result(text)
@@ -128,30 +139,75 @@ class _Conn:
             pass
         finally:
             self.closed.set()
+            self.settled.set()
             if self.pending is not None and not self.pending.done():
                 self.pending.set_exception(CheckpointError(
                     f"program pid {self.pid} closed its checkpoint connection"))
             self.writer.close()
 
+    async def _in_step(self, line: str, timeout: float) -> None:
+        """One request on the wire at a time, as the protocol promises: first the answers
+        still owed (to a RESUME, or late ones) must have come."""
+        if self.skip:
+            try:
+                await asyncio.wait_for(self.settled.wait(), timeout)
+            except asyncio.TimeoutError:
+                raise CheckpointError(f"program pid {self.pid} did not answer an earlier request "
+                                      f"within {timeout:g} s (before {line.split(' ', 1)[0]})") from None
+        if self.closed.is_set():
+            raise CheckpointError(f"program pid {self.pid} closed its checkpoint connection")
+
     async def request(self, line: str, timeout: float) -> str:
         async with self.lock:
-            if self.closed.is_set():
-                raise CheckpointError(f"program pid {self.pid} closed its checkpoint connection")
-            fut = self.pending = asyncio.get_running_loop().create_future()
+            await self._in_step(line, timeout)
+            loop = asyncio.get_running_loop()
+            fut = self.pending = loop.create_future()
+            # a timer on the answer's future, not asyncio.wait_for: no wrapper future and
+            # done-callback per request (64 units make 128 of them per checkpoint)
+            timer = loop.call_later(timeout, _expire, fut)
             try:
                 self.writer.write(line.encode() + b"\n")
-                await self.writer.drain()
-                return await asyncio.wait_for(fut, timeout)
-            except asyncio.TimeoutError:
+                if self.writer.transport.get_write_buffer_size():
+                    await self.writer.drain()   # only when the socket could not take it all
+                return await fut
+            except _Expired:
                 word = line.split(" ", 1)[0]
                 raise CheckpointError(f"program pid {self.pid} did not answer {word} "
                                       f"within {timeout:g} s") from None
             except ConnectionError as e:
                 raise CheckpointError(f"program pid {self.pid}: connection lost ({e})") from None
             finally:
+                timer.cancel()
                 self.pending = None
-                if not fut.done() or fut.cancelled():
+                if not fut.done() or fut.cancelled() or isinstance(fut.exception(), _Expired):
                     self.skip += 1      # the program still owes this answer
+                    self.settled.clear()
+                    if not fut.done():
+                        fut.cancel()
+
+
+    async def notify(self, line: str, timeout: float) -> None:
+        """Send a request whose answer nobody waits for: it is discarded when it comes, and
+        the next request goes out only after it."""
+        async with self.lock:
+            await self._in_step(line, timeout)
+            self.skip += 1
+            self.settled.clear()
+            try:
+                self.writer.write(line.encode() + b"\n")
+                if self.writer.transport.get_write_buffer_size():
+                    await self.writer.drain()
+            except ConnectionError as e:
+                raise CheckpointError(f"program pid {self.pid}: connection lost ({e})") from None
+
+
+class _Expired(Exception):
+    """A request's deadline passed before its answer came."""
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(_Expired())
 
 
 @dataclass
@@ -196,6 +252,10 @@ class _Session:
         return [c for c in self.conns if not c.closed.is_set()]
 
     async def wait_connected(self, timeout: float, unit: str) -> list[_Conn]:
+        if self.server is not None:
+            live = self.live()
+            if live:
+                return live
         await self.start()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -218,9 +278,14 @@ class _Session:
             conns = [c for c in conns if c.hooks is None or word in c.hooks]
             if not conns:
                 return
-        answers = await asyncio.gather(*(c.request(line, timeout) for c in conns),
-                                       return_exceptions=True)
-        word = line.split(" ", 1)[0]
+        if len(conns) == 1:     # the usual case: no task per request
+            try:
+                answers: list[Any] = [await conns[0].request(line, timeout)]
+            except Exception as e:      # noqa: BLE001 - reported like gather's
+                answers = [e]
+        else:
+            answers = await asyncio.gather(*(c.request(line, timeout) for c in conns),
+                                           return_exceptions=True)
         for conn, ans in zip(conns, answers):
             if isinstance(ans, BaseException):
                 if isinstance(ans, CheckpointError):
@@ -243,6 +308,19 @@ class _Session:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def _top_level_files(images: Path) -> tuple[bool, bool]:
+    """(a state file sits directly in ``images``, ``images`` has subdirectories)."""
+    subdirs = False
+    with os.scandir(images) as it:
+        for e in it:
+            if e.is_file():
+                if e.name != "manifest.json":
+                    return True, subdirs
+            elif e.is_dir():
+                subdirs = True
+    return False, subdirs
 
 
 class AppCheckpointer(Checkpointer):
@@ -334,18 +412,28 @@ class AppCheckpointer(Checkpointer):
     async def checkpoint(self, unit: UnitProcess, images: Path) -> None:
         """The state was written at prepare; check it is there."""
         images = Path(images)
-        if not images.is_dir():
-            raise CheckpointError(f"unit {unit.name}: images directory {images} is missing")
-        files = await asyncio.to_thread(
-            lambda: [p for p in images.rglob("*") if p.is_file() and p.name != "manifest.json"])
-        if not files:
+        # one scandir on the loop finds a state file at the top in nearly every case; only a
+        # program that wrote nothing but subdirectories costs a walk in a thread
+        try:
+            found, subdirs = _top_level_files(images)
+        except (FileNotFoundError, NotADirectoryError):
+            raise CheckpointError(f"unit {unit.name}: images directory {images} is missing") from None
+        if not found and subdirs:
+            found = await asyncio.to_thread(
+                lambda: any(p.is_file() and p.name != "manifest.json" for p in images.rglob("*")))
+        if not found:
             raise CheckpointError(f"unit {unit.name}: the program wrote no state into {images}")
 
     async def resume_cp(self, unit: UnitProcess) -> None:
-        """Leave quiescence, then the post-checkpoint hook."""
+        """Leave quiescence, then the post-checkpoint hook.
+
+        RESUME is sent without waiting for its OK (the program's acknowledgement carries no
+        verdict: leaving quiescence cannot fail), as a thaw does not wait for the tree to be
+        scheduled; the OK is read and dropped when it comes, before any later answer."""
         s = self._session(unit)
         cid = str(getattr(unit, "checkpoint_id", "") or "-")
-        await s.request_all(f"RESUME {cid}", "OK", self.timeout, unit.name)
+        for conn in await s.wait_connected(self.timeout, unit.name):
+            await conn.notify(f"RESUME {cid}", self.timeout)
         await s.request_all(f"POST_CHECKPOINT {cid}", "OK", self.timeout, unit.name)
 
     async def abort(self, unit: UnitProcess, images: Path) -> None:
