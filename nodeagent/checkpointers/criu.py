@@ -297,8 +297,16 @@ class CriuCheckpointer(Checkpointer):
             return
 
         def move() -> None:
+            path: str = unit.freezer_path  # type: ignore[assignment]
             try:
-                with open(os.path.join(unit.freezer_path, "cgroup.procs"), "w") as f:  # type: ignore[arg-type]
+                for name, running in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
+                    try:
+                        with open(os.path.join(path, name)) as f:
+                            if f.read().strip() != running:
+                                return    # a frozen cgroup would freeze criu mid-restore
+                    except FileNotFoundError:
+                        continue
+                with open(os.path.join(path, "cgroup.procs"), "w") as f:
                     f.write(str(criu_pid))
             except OSError:
                 pass   # criu already gone, or no cgroup: the agent attaches the tree itself
