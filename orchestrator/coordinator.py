@@ -172,7 +172,7 @@ class Coordinator:
 
         try:
             def begin() -> dict[str, int]:
-                seqs = {u.name: store.next_seq(job.id, u.name) for u in units}
+                seqs = store.next_seqs(job.id, [u.name for u in units])
                 store.begin_checkpoint(job.id, ckpt_id, seqs)
                 return seqs
             seqs = await asyncio.to_thread(begin)

@@ -433,13 +433,13 @@ class Store:
     # -- unit checkpoints (seqs) -------------------------------------------
 
     def _seq_dirs(self, job: str, unit: str) -> list[int]:
-        d = self.unit_dir(job, unit)
         try:
-            names = os.listdir(d)
+            with os.scandir(self.unit_dir(job, unit)) as it:   # d_type: no stat per entry
+                return sorted(int(e.name) for e in it
+                              if e.name.isdigit() and e.name == str(int(e.name)) and int(e.name) >= 1
+                              and e.is_dir())
         except FileNotFoundError:
             return []
-        return sorted(int(n) for n in names
-                      if n.isdigit() and n == str(int(n)) and int(n) >= 1 and (d / n).is_dir())
 
     def _last_seq_mark(self, job: str, unit: str) -> int:
         try:
@@ -452,12 +452,20 @@ class Store:
         """1 + the highest seq ever used by this unit: existing dirs (committed or
         partial), pending markers, and the high-water mark of deleted dirs.
         Does not reserve it: concurrent writers for one unit use ``reserve_seq``."""
-        highest = max([0, self._last_seq_mark(job, unit), *self._seq_dirs(job, unit)])
-        for marker in self.pending_checkpoints(job):
-            seq = marker.get("units", {}).get(unit)
-            if isinstance(seq, int):
-                highest = max(highest, seq)
-        return highest + 1
+        return self.next_seqs(job, [unit])[unit]
+
+    def next_seqs(self, job: str, units: list[str]) -> dict[str, int]:
+        """``next_seq`` of several units of one job (the pending markers read once)."""
+        pending = self.pending_checkpoints(job)
+        out = {}
+        for unit in units:
+            highest = max([0, self._last_seq_mark(job, unit), *self._seq_dirs(job, unit)])
+            for marker in pending:
+                seq = marker.get("units", {}).get(unit)
+                if isinstance(seq, int):
+                    highest = max(highest, seq)
+            out[unit] = highest + 1
+        return out
 
     def reserve_seq(self, job: str, unit: str) -> int:
         """Hand out a new seq for a unit by creating its (empty) images dir, under a
