@@ -309,3 +309,43 @@ async def test_announced_hooks_spare_the_other_round_trips(env, tmp_path):
     lines = [ln for ln in (u.unit_dir / "stdout").read_text().splitlines() if ln.startswith("got")]
     images = store.images_dir("job1", "h", 1)
     assert lines == [f"got CHECKPOINT ck9 {images}", "got RESUME ck9", "got POST_CHECKPOINT ck9"]
+
+
+async def test_resume_is_not_waited_for_but_the_next_request_is_in_step(env, tmp_path):
+    """resume_cp does not wait for RESUME's OK (here 0.6 s late); the next request still goes
+    out only after that OK: one request on the wire at a time, as the protocol promises."""
+    store, backend, runner, start = env
+    prog = tmp_path / "slow_resume.py"
+    prog.write_text(RAW.replace('''    else:
+        f.write("OK\\n")''', '''    elif word == "RESUME":
+        time.sleep(0.6)
+        print("answered RESUME", time.monotonic(), flush=True)
+        f.write("OK\\n")
+    else:
+        print("got-at", word, time.monotonic(), flush=True)
+        f.write("OK\\n")'''))
+    assert "answered RESUME" in prog.read_text()
+    u = await start("s", [PY, str(prog)])
+    for stage in ("prepare", "stop", "checkpoint"):
+        await runner.run(u, stage, "ck1", 1)
+    t0 = time.monotonic()
+    await runner.run(u, "resume_cp", "ck1", 1)          # POST_CHECKPOINT follows RESUME
+    assert time.monotonic() - t0 >= 0.5, "POST_CHECKPOINT went out before RESUME was answered"
+    out = (u.unit_dir / "stdout").read_text()
+    answered = float(re.search(r"^answered RESUME (\S+)$", out, re.M).group(1))
+    post = float(re.search(r"^got-at POST_CHECKPOINT (\S+)$", out, re.M).group(1))
+    assert post >= answered
+    # a program that handles no POST_CHECKPOINT: resume_cp returns without waiting for the OK
+    prog2 = tmp_path / "slow_resume_nohooks.py"
+    prog2.write_text(prog.read_text().replace('f.write(f"HELLO {os.getpid()} 1\\n")',
+                                              'f.write(f"HELLO {os.getpid()} 1 -\\n")'))
+    u2 = await start("t", [PY, str(prog2)])
+    for stage in ("prepare", "stop", "checkpoint"):
+        await runner.run(u2, stage, "ck2", 1)
+    t0 = time.monotonic()
+    await runner.run(u2, "resume_cp", "ck2", 1)
+    assert time.monotonic() - t0 < 0.4, "resume_cp waited for RESUME's OK"
+    t0 = time.monotonic()
+    await runner.run(u2, "prepare", "ck3", 2)             # the next CHECKPOINT waits for it
+    assert time.monotonic() - t0 >= 0.2
+    await runner.run(u2, "abort", "ck3", 2)
