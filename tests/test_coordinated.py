@@ -218,17 +218,26 @@ def test_orchestrator_killed_mid_checkpoint_and_restarted(cluster: Cluster, tmp_
     assert st["state"] == "running"
 
 
-def test_tampered_image_is_refused_before_the_job_is_touched(cluster: Cluster, tmp_path: Path) -> None:
+def _checkpointed_trio(cluster: Cluster, tmp_path: Path) -> tuple[str, Path]:
+    """The trio running on n1 and n2, checkpointed once: (job, unit a's images dir)."""
     _start(cluster, ("n1", "n2"))
     job = cluster.submit(_three_units(tmp_path))
     cluster.wait_status(job, _running)
     ck = cluster.cli_json("checkpoint", job)
     seq = next(u["seq"] for u in ck["units"] if u["name"] == "a")
-    images = cluster.store / "jobs" / job / "units" / "a" / str(seq)
-    victim = max((p for p in images.iterdir() if p.name != "manifest.json" and p.is_file()), key=lambda p: p.stat().st_size)
-    data = bytearray(victim.read_bytes())
+    return job, cluster.store / "jobs" / job / "units" / "a" / str(seq)
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    victim.write_bytes(bytes(data))
+    path.write_bytes(bytes(data))
+
+
+def test_tampered_image_is_refused_before_the_job_is_touched(cluster: Cluster, tmp_path: Path) -> None:
+    job, images = _checkpointed_trio(cluster, tmp_path)
+    victim = max((p for p in images.iterdir() if p.name != "manifest.json" and p.is_file()), key=lambda p: p.stat().st_size)
+    _flip_a_byte(victim)
     r = cluster.cli("restart", job)
     assert r.returncode == 1 and victim.name in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -242,16 +251,9 @@ def test_tampered_pages_of_a_dead_job_are_caught_while_restoring(cluster: Cluste
     """With no live unit at stake the orchestrator checks sizes only and the agent hashes CRIU's
     page data while CRIU restores: a flipped byte still fails the restart, naming the file,
     and the restored tree (stopped, never resumed) is killed."""
-    _start(cluster, ("n1", "n2"))
-    job = cluster.submit(_three_units(tmp_path))
-    cluster.wait_status(job, _running)
-    ck = cluster.cli_json("checkpoint", job)
-    seq = next(u["seq"] for u in ck["units"] if u["name"] == "a")
-    images = cluster.store / "jobs" / job / "units" / "a" / str(seq)
+    job, images = _checkpointed_trio(cluster, tmp_path)
     victim = max(images.glob("pages-*.img"), key=lambda p: p.stat().st_size)
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    victim.write_bytes(bytes(data))
+    _flip_a_byte(victim)
     st = cluster.cli_json("status", job)
     for u in st["units"]:
         os.kill(u["pid"], signal.SIGKILL)
