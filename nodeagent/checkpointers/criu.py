@@ -46,7 +46,9 @@ Restart.  check_restorable refuses, naming what differs: a CPU lacking features
 file that is missing or has another content (size+mtime equal, else sha256 compared), an open
 file that is missing, shrank, or (read-only) changed size.  rebuild rolls files back and
 restores with ``--restore-sibling --leave-stopped``: the tree is a child of the agent, stopped;
-unit.root_pid is the restored init's pid in the agent's PID namespace.  A pidfd watcher reaps
+unit.root_pid is the restored init's pid in the agent's PID namespace.  The restoring criu is
+moved into the unit's freezer cgroup while it starts (``_into_cgroup``), so the tree is born
+there and no cgroup move follows the restore.  A pidfd watcher reaps
 it when it exits (its status via ``exit_code``/``wait_exit``; psutil then sees no process).
 resume_rst sends SIGCONT to every process of the tree.
 """
