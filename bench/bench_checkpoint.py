@@ -39,6 +39,7 @@ from bench_criu_raw import compare  # noqa: E402
 
 from benchenv import bench_broker  # noqa: E402
 from nodeagent.daemon import NodeAgent  # noqa: E402
+from nodeagent.freezer import Freezer  # noqa: E402
 from orchestrator.bus import open_bus  # noqa: E402
 from orchestrator.daemon import Orchestrator  # noqa: E402
 from orchestrator.jobspec import parse_job  # noqa: E402
@@ -99,10 +100,9 @@ class Embedded:
 
     def kill_unit(self, job: str, unit: str) -> None:
         """kill -9 every process of the unit (its freezer cgroup lists them)."""
-        procs = Path("/sys/fs/cgroup/freezer/gridckpt") / job / unit / "cgroup.procs"
-        for pid in procs.read_text().split():
+        for pid in Freezer(job, unit, list).cgroup_pids():
             try:
-                os.kill(int(pid), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 

@@ -182,7 +182,14 @@ class NodeAgent:
                              interval=self.heartbeat_interval)
             await asyncio.sleep(self.heartbeat_interval)
 
-    def _unit_report(self, unit: Unit) -> dict[str, Any]:
+    def _unit_report(self, unit: Unit, *, light: bool = False) -> dict[str, Any]:
+        """The unit's report for events and heartbeats; ``light``: state and pid only (no scan
+        of the tree: a freeze or thaw changes neither its members nor their count)."""
+        if light:
+            rep = {"job": unit.job, "unit": unit.name, "state": unit.state, "started": unit.started or 0.0}
+            if unit.root_pid is not None:
+                rep["pid"] = unit.root_pid
+            return rep
         st = unit.status()
         rep = {"job": unit.job, "unit": unit.name, "state": st["state"], "nprocs": st["nprocs"],
                "started": unit.started or 0.0}
@@ -197,14 +204,11 @@ class NodeAgent:
         """A unit changed state: report it in order, without holding up the stage that changed it
         (freeze and thaw must not wait for a quorum queue's confirm)."""
         key, row = (unit.job, unit.name), (unit.root_pid, unit.started, unit.ended)
-        if self._saved.get(key) != row:
+        same_tree = self._saved.get(key) == row   # a freeze or thaw: the unit file stays as it is
+        if not same_tree:
             self._saved[key] = row
             self._save_soon()
-            self._events.put_nowait(self._unit_report(unit))
-        else:   # freeze or thaw of the same tree: nothing the file holds changed, nor the
-            # process count (the orchestrator keeps the last one): no scan of the tree
-            self._events.put_nowait({"job": unit.job, "unit": unit.name, "state": unit.state,
-                                     "started": unit.started or 0.0, "pid": unit.root_pid})
+        self._events.put_nowait(self._unit_report(unit, light=same_tree))
         if self._event_task is None or self._event_task.done():
             self._event_task = asyncio.create_task(self._publish_events())
 

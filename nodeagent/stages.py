@@ -35,14 +35,14 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from nodeagent.callbacks import run_callback
 from nodeagent.checkpointers.base import CheckpointError, Checkpointer, RestoreRefused
 from nodeagent.checkpointers.registry import make_backend
 from nodeagent.freezer import alive_pids, tree_pids
-from orchestrator.store import (MANIFEST, CorruptCheckpoint, Store, StoreError, verify_hashes, verify_manifest,
-                               write_manifest)
+from orchestrator.store import (MANIFEST, CorruptCheckpoint, Store, StoreError, sizes_only, verify_hashes,
+                               verify_manifest, write_manifest)
 
 log = logging.getLogger("gridckpt.stages")
 
@@ -182,7 +182,7 @@ class UnitStageRunner:
         if ctx is None or not ctx.get("unsealed"):
             raise CheckpointError(f"seal of {unit.name}: checkpoint {cid} has no unsealed images on this agent")
         meta = ctx["unsealed"]
-        meta["stages_ms"] = {**ctx["stages_ms"], **{k: v for k, v in meta["stages_ms"].items() if k == "checkpoint"}}
+        meta["stages_ms"] = {**ctx["stages_ms"], "checkpoint": meta["stages_ms"]["checkpoint"]}  # backend's own time
         manifest = await self._write_manifest(unit, ctx["images"], meta, args)
         return {"bytes": manifest["bytes"], "files": len(manifest["files"]), "seq": ctx["seq"]}
 
@@ -241,12 +241,10 @@ class UnitStageRunner:
         wanted = unit.spec.get("checkpointer") or "criu"
         live = unit.root_pid is not None and bool(unit.pids())
         later = None if args.get("verified") or live else getattr(self.backend(wanted), "hashed_while_restoring", None)
+        hash_now = (sizes_only if args.get("verified") else
+                    None if later is None else (lambda rel: not later(rel)))
         try:
-            if args.get("verified"):
-                manifest = await asyncio.to_thread(verify_manifest, images, False, _nothing)
-            else:
-                manifest = await asyncio.to_thread(verify_manifest, images, False,
-                                                   None if later is None else (lambda rel: not later(rel)))
+            manifest = await asyncio.to_thread(verify_manifest, images, False, hash_now)
         except CorruptCheckpoint as e:
             raise CheckpointError(f"rebuild of {unit.name}: {e}") from None
         written_by = manifest.get("checkpointer", wanted)
@@ -271,8 +269,9 @@ class UnitStageRunner:
             raise CheckpointError(f"rebuild of {unit.name}: the backend restored no process")
         # into the unit's cgroup (off the loop: a cgroup move may wait for an RCU grace period;
         # CRIU's tree was usually born there already) and watched; the backend may reap it
-        await asyncio.to_thread(unit.freezer.attach, tree_pids(unit.root_pid))
-        unit.adopt(unit.root_pid, exit_waiter=getattr(backend, "wait_exit", None))
+        root = unit.root_pid
+        await asyncio.to_thread(lambda: unit.freezer.attach(tree_pids(root)))
+        unit.adopt(root, exit_waiter=getattr(backend, "wait_exit", None), attached=True)
         if hashing is not None:
             try:
                 await hashing
@@ -300,7 +299,7 @@ class UnitStageRunner:
             await release(unit)
 
 
-def _verify_politely(images: Path, manifest: dict[str, Any], which: Any) -> None:
+def _verify_politely(images: Path, manifest: dict[str, Any], which: Callable[[str], bool]) -> None:
     """(thread) verify_hashes at the lowest CPU priority: on a small node it must not slow the
     restore it runs beside, only use what the restore leaves idle."""
     tid = threading.get_native_id()
@@ -317,10 +316,6 @@ def _verify_politely(images: Path, manifest: dict[str, Any], which: Any) -> None
                 os.setpriority(os.PRIO_PROCESS, tid, old)
             except OSError:
                 pass
-
-
-def _nothing(rel: str) -> bool:
-    return False
 
 
 def _fresh_images_dir(images: Path) -> None:

@@ -206,10 +206,13 @@ class Unit:
         raise CheckpointError(f"unit {self.name}: pid {pid} did not reach its stopped state")
 
     def adopt(self, pid: int | None = None,
-              exit_waiter: Callable[[int], Awaitable[int | None]] | None = None) -> None:
+              exit_waiter: Callable[[int], Awaitable[int | None]] | None = None, *,
+              attached: bool = False) -> None:
         """Watch a tree this agent did not launch itself (e.g. restored by CRIU).
 
-        The tree joins the unit's cgroup (it must not fork meanwhile: adopt it stopped).
+        The tree joins the unit's cgroup (it must not fork meanwhile: adopt it stopped),
+        unless the caller ``attached`` it already (off the event loop: a cgroup move may wait
+        for an RCU grace period).
         ``exit_waiter(pid)``, when the restoring backend reaps the root itself, returns its
         exit code (negative: killed by that signal); otherwise a pidfd is watched.
         """
@@ -228,7 +231,8 @@ class Unit:
             self._sid = None
         self._started_mono = time.monotonic()
         self.started = time.time()
-        self.freezer.attach(tree_pids(pid))
+        if not attached:
+            self.freezer.attach(tree_pids(pid))
         self._watch_task(self._watch_adopted(pid, exit_waiter))
 
     def _reset_exit(self) -> None:

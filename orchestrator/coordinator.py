@@ -21,7 +21,7 @@ from .bus.base import BusError
 from .control import ControlError
 from .jobs import TERMINAL_UNIT_STATES, JobState, PlacementError, UnitState, place_units
 from .logs import event
-from .store import CorruptCheckpoint, verify_manifest
+from .store import CorruptCheckpoint, sizes_only, verify_manifest
 
 if TYPE_CHECKING:
     from .daemon import Orchestrator
@@ -43,10 +43,6 @@ def _tree_size(path: Any) -> int:
 
 class StageFailed(Exception):
     """A unit failed or missed a stage."""
-
-
-def _no_hash(rel: str) -> bool:
-    return False
 
 
 def _ms(t0: float) -> float:
@@ -400,7 +396,7 @@ class Coordinator:
         verified = any(job.units[n].state not in TERMINAL_UNIT_STATES for n in plan)
         try:
             await asyncio.to_thread(lambda: [verify_manifest(store.images_dir(job.id, n, s), False,
-                                                             None if verified else _no_hash)
+                                                             None if verified else sizes_only)
                                              for n, s in plan.items() if s])
         except CorruptCheckpoint as exc:
             raise ControlError(f"checkpoint {label} of {job.id} is damaged: {exc}") from None

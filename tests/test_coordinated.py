@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLES, REPO, Cluster, unit_of, write_job
+from nodeagent.freezer import Freezer, alive_pids
 
 pytestmark = [pytest.mark.amqp, pytest.mark.criu]
 
@@ -262,9 +263,7 @@ def test_tampered_pages_of_a_dead_job_are_caught_while_restoring(cluster: Cluste
     assert r.returncode == 1 and victim.name in r.stderr and "sha256" in r.stderr, r.stderr
     st = cluster.wait_status(job, lambda s: s["state"] == "failed")
     assert all(u["state"] in ("failed", "exited", "cancelled") for u in st["units"]), st
-    freezer = Path("/sys/fs/cgroup/freezer/gridckpt") / job / "a" / "cgroup.procs"
-    left = [p for p in (freezer.read_text().split() if freezer.exists() else [])
-            if Path(f"/proc/{p}/stat").exists() and Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]
+    left = alive_pids(Freezer(job, "a", list).cgroup_pids())
     assert not left, f"the restored tree of a survived: {left}"
 
 

@@ -33,7 +33,8 @@ Line protocol (version 1)
   checkpoint.  The program still answers, late; the agent discards that one owed answer, so
   both sides stay in step.  The agent does not wait for RESUME's ``OK`` either (leaving
   quiescence cannot fail; the unit runs again at once): it reads and drops it when it comes,
-  and sends the next request only after it (one request on the wire at a time, always).  A program may open several connections (one per process of its tree); then
+  and sends the next request only after it (one request on the wire at a time, always).
+  A program may open several connections (one per process of its tree); then
   every request goes to every connection and all must answer.
 * On restart the agent starts the unit's command afresh with ``GRIDCKPT_RESTORE=<dir>`` (the
   committed images directory, read-only: copy what you want to change) in the environment,
@@ -429,7 +430,7 @@ class AppCheckpointer(Checkpointer):
 
         RESUME is sent without waiting for its OK (the program's acknowledgement carries no
         verdict: leaving quiescence cannot fail), as a thaw does not wait for the tree to be
-        scheduled; the OK is read and dropped when it comes, before any later answer."""
+        scheduled; the OK is read and dropped when it comes, and the next request waits for it."""
         s = self._session(unit)
         cid = str(getattr(unit, "checkpoint_id", "") or "-")
         for conn in await s.wait_connected(self.timeout, unit.name):
