@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,10 @@ class NodeAgent:
         self._consumer: Any = None
         self._hb_task: asyncio.Task | None = None
         self._watchdogs: dict[tuple[str, str, str], asyncio.TimerHandle] = {}
+        self._aborted: OrderedDict[str, None] = OrderedDict()   # checkpoint ids told to abort (recent)
         self._saved: dict[tuple[str, str], tuple] = {}   # what the unit list file holds of each unit
         self._save_task: asyncio.Task | None = None
+        self._save_dirty = False
         self._events: asyncio.Queue = asyncio.Queue()
         self._event_task: asyncio.Task | None = None
 
@@ -82,18 +85,30 @@ class NodeAgent:
         return self.store.root / "agents" / f"{self.site}.{self.node}.json"
 
     def _save_soon(self) -> None:
-        """Persist the unit list off the critical path, coalescing bursts of changes."""
+        """Persist the unit list now, off the loop; changes made meanwhile go in the next write.
+        Not fsync'ed: the file matters only while this node's processes live (a crash of the
+        node takes the units with it), and an agent killed after the write loses nothing."""
+        self._save_dirty = True
         if self._save_task is None or self._save_task.done():
-            async def save() -> None:
-                await asyncio.sleep(0.05)
-                await asyncio.to_thread(self._save_units)
-            self._save_task = asyncio.create_task(save())
+            self._save_task = asyncio.create_task(self._save_loop())
 
-    def _save_units(self) -> None:
-        rows = [{"job": u.job, "unit": u.name, "spec": u.spec, "pid": u.root_pid, "started": u.started}
+    async def _save_loop(self) -> None:
+        while self._save_dirty:
+            self._save_dirty = False
+            await asyncio.to_thread(self._save_units, self._unit_rows(), False)
+
+    async def _unit_list_written(self) -> None:
+        """Wait until the unit list on disk holds every change made so far."""
+        while self._save_task is not None and not self._save_task.done():
+            await asyncio.shield(self._save_task)
+
+    def _unit_rows(self) -> list[dict[str, Any]]:
+        return [{"job": u.job, "unit": u.name, "spec": u.spec, "pid": u.root_pid, "started": u.started}
                 for u in self.units.values() if not u.ended and u.root_pid]
+
+    def _save_units(self, rows: list[dict[str, Any]] | None = None, durable: bool = True) -> None:
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.state_file, rows)
+        write_json_atomic(self.state_file, self._unit_rows() if rows is None else rows, durable)
 
     async def _adopt_previous_units(self) -> None:
         """Units a previous incarnation of this agent left running are watched again."""
@@ -238,9 +253,30 @@ class NodeAgent:
         self._on_command_local(msg)
 
     async def _stages(self, msg: dict[str, Any]) -> None:
-        """One stage for several units of this node: run them (each in its unit's order),
-        make a checkpoint batch durable with one sync, answer with one message."""
-        stage = msg["stage"]
+        """Stages for several units of this node: ``stage``, then each of ``then`` (the message
+        names every unit of the job: this agent keeps the barrier between stages).  Each stage
+        runs on every unit (each in its unit's order); a checkpoint batch is made durable with one
+        sync; one message answers each stage.  A stage that fails on any unit, or an abort of the
+        checkpoint, ends the chain: the stages after it are not run."""
+        if msg["stage"] == protocol.ABORT_STAGE:
+            self._aborted[msg["checkpoint"]] = None
+            while len(self._aborted) > 256:
+                self._aborted.popitem(last=False)
+        for stage in [msg["stage"], *msg.get("then", ())]:
+            if stage != msg["stage"] and msg["checkpoint"] in self._aborted:
+                event(log, "stage chain ended by an abort", job=msg["job"], checkpoint=msg["checkpoint"], stage=stage)
+                return
+            results = await self._stage_on_units(msg, stage)
+            # the next stage need not wait for the broker's confirm of this answer
+            self._spawn(self._emit(protocol.REPLIES_KEY, "stage_results", job=msg["job"], node=self.node,
+                                   checkpoint=msg["checkpoint"], stage=stage,
+                                   results={n: {k: v for k, v in r.items() if k in ("ok", "ms", "error", "data")}
+                                            for n, r in results.items()}))
+            if not all(r["ok"] for r in results.values()):
+                return
+
+    async def _stage_on_units(self, msg: dict[str, Any], stage: str) -> dict[str, dict[str, Any]]:
+        """One stage on every unit the ``stages`` message names; their results by unit name."""
         futs: dict[str, asyncio.Future] = {}
         loop = asyncio.get_running_loop()
         sync = stage == "seal"   # a batch that writes manifests is made durable with one syncfs
@@ -260,10 +296,7 @@ class NodeAgent:
             except OSError as exc:
                 for r in results.values():
                     r.update(ok=False, error=f"cannot make the images durable: {exc}")
-        await self._emit(protocol.REPLIES_KEY, "stage_results", job=msg["job"], node=self.node,
-                         checkpoint=msg["checkpoint"], stage=stage,
-                         results={n: {k: v for k, v in r.items() if k in ("ok", "ms", "error", "data")}
-                                  for n, r in results.items()})
+        return results
 
     async def _unit_worker(self, key: tuple[str, str], q: asyncio.Queue) -> None:
         while True:
@@ -414,6 +447,8 @@ class NodeAgent:
                 elif stage == "rebuild":
                     self.shipper.rolled_back(job, name)
                     self._set_interval(unit, int(args.get("interval", args.get("seq", 0))))
+            if stage == "rebuild":
+                await self._unit_list_written()   # an agent killed from now on still adopts the rebuilt tree
             ok, error = True, ""
         except CheckpointError as exc:
             res, ok, error = {"ms": (time.perf_counter() - t0) * 1000, "data": {}}, False, str(exc)

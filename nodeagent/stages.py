@@ -41,8 +41,8 @@ from nodeagent.callbacks import run_callback
 from nodeagent.checkpointers.base import CheckpointError, Checkpointer, RestoreRefused
 from nodeagent.checkpointers.registry import make_backend
 from nodeagent.freezer import alive_pids, tree_pids
-from orchestrator.store import (MANIFEST, CorruptCheckpoint, Store, StoreError, sizes_only, verify_hashes,
-                               verify_manifest, write_manifest)
+from orchestrator.store import (MANIFEST, CorruptCheckpoint, Store, StoreError, changed_since_sealed, sizes_only,
+                               verify_hashes, verify_manifest, write_manifest)
 
 log = logging.getLogger("gridckpt.stages")
 
@@ -231,10 +231,12 @@ class UnitStageRunner:
     # -- restart stages --------------------------------------------------------------------
     async def _rebuild(self, unit, cid, seq, args) -> dict[str, Any]:
         """Verify, then restore.  Integrity: every image's sha256 is checked before the unit
-        runs.  ``verified`` (the orchestrator hashed them all before it touched the job): sizes
-        only.  Otherwise the files the backend reads itself (``hashed_while_restoring``, CRIU's
-        page data) are hashed while it restores, provided no live tree of the unit is at stake;
-        a mismatch kills the restored tree, which never ran, and fails the stage naming the file.
+        runs, except for files unchanged since they were sealed (same fingerprint; all files
+        with ``full_verify``).  ``verified`` (the orchestrator checked them all before it
+        touched the job): sizes only.  Otherwise the files the backend reads itself
+        (``hashed_while_restoring``, CRIU's page data) are hashed while it restores, provided no
+        live tree of the unit is at stake; a mismatch kills the restored tree, which never ran,
+        and fails the stage naming the file.
         """
         ctx = self._context(unit, cid, seq)
         images: Path = ctx["images"]
@@ -243,8 +245,17 @@ class UnitStageRunner:
         later = None if args.get("verified") or live else getattr(self.backend(wanted), "hashed_while_restoring", None)
         hash_now = (sizes_only if args.get("verified") else
                     None if later is None else (lambda rel: not later(rel)))
+        full = bool(args.get("full_verify"))   # else files unchanged since sealed are not re-read
+
+        def check() -> tuple[dict[str, Any], Callable[[str], bool] | None]:
+            manifest = verify_manifest(images, False, hash_now, full)
+            if later is None or full:
+                return manifest, later
+            changed = set(changed_since_sealed(images, manifest, later))
+            return manifest, (changed.__contains__ if changed else None)
+
         try:
-            manifest = await asyncio.to_thread(verify_manifest, images, False, hash_now)
+            manifest, later = await asyncio.to_thread(check)
         except CorruptCheckpoint as e:
             raise CheckpointError(f"rebuild of {unit.name}: {e}") from None
         written_by = manifest.get("checkpointer", wanted)
@@ -257,7 +268,7 @@ class UnitStageRunner:
             await unit.kill()        # the old tree must be gone before its state comes back
         await unit.set_state("restarting")
         unit.freezer.create()
-        hashing = asyncio.ensure_future(asyncio.to_thread(_verify_politely, images, manifest, later)) if later else None
+        hashing = asyncio.ensure_future(asyncio.to_thread(_verify_politely, images, manifest, later, full)) if later else None
         try:
             await backend.rebuild(unit, images)
         except BaseException as e:
@@ -299,7 +310,8 @@ class UnitStageRunner:
             await release(unit)
 
 
-def _verify_politely(images: Path, manifest: dict[str, Any], which: Callable[[str], bool]) -> None:
+def _verify_politely(images: Path, manifest: dict[str, Any], which: Callable[[str], bool],
+                     full: bool = False) -> None:
     """(thread) verify_hashes at the lowest CPU priority: on a small node it must not slow the
     restore it runs beside, only use what the restore leaves idle."""
     tid = threading.get_native_id()
@@ -309,7 +321,7 @@ def _verify_politely(images: Path, manifest: dict[str, Any], which: Callable[[st
     except OSError:
         old = None
     try:
-        verify_hashes(images, manifest, which)
+        verify_hashes(images, manifest, which, full)
     finally:
         if old is not None:
             try:

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import protocol
 from .bus.base import BusError
@@ -42,7 +42,11 @@ def _tree_size(path: Any) -> int:
 
 
 class StageFailed(Exception):
-    """A unit failed or missed a stage."""
+    """A unit failed or missed a stage (``stage``: which one)."""
+
+    def __init__(self, message: str, stage: str = "") -> None:
+        super().__init__(message)
+        self.stage = stage
 
 
 def _ms(t0: float) -> float:
@@ -78,36 +82,74 @@ class Coordinator:
     async def _stage_all(self, job: JobState, op_id: str, stage: str, units: list[UnitState],
                          args: dict[str, dict[str, Any]], timeout: float) -> dict[str, dict[str, Any]]:
         """Run one stage on every unit in parallel; raise StageFailed naming the first failure."""
-        loop = asyncio.get_running_loop()
-        futs = {}
-        for u in units:
-            key = (op_id, u.name, stage)
-            futs[u.name] = self._waiting.setdefault(key, loop.create_future())
+        futs = self._expect(op_id, stage, units)
         by_agent: dict[tuple[str, str], dict[str, Any]] = {}
         for u in units:
             by_agent.setdefault((u.site, u.node), {})[u.name] = args.get(u.name, {})
-        try:  # one message per agent and stage, whatever the number of its units
-            await asyncio.gather(*(self.orch.send(site, node, "stages", job=job.id, checkpoint=op_id, stage=stage,
-                                                  units=batch) for (site, node), batch in by_agent.items()))
-        except BusError as exc:
-            self._forget(op_id, units, stage)
-            raise StageFailed(f"{stage}: cannot reach an agent ({exc})") from None
         try:
-            done, pending = await asyncio.wait(futs.values(), timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
-            results: dict[str, dict[str, Any]] = {}
-            for name, fut in futs.items():
-                if not fut.done():
-                    raise StageFailed(f"unit {name}: {stage} timed out after {timeout:g} s")
-                exc = fut.exception()
-                if exc is not None:
-                    raise StageFailed(str(exc))
-                res = fut.result()
-                if not res["ok"]:
-                    raise StageFailed(f"unit {name}: {stage} failed: {res.get('error') or 'no reason given'}")
-                results[name] = res
-            return results
+            try:  # one message per agent and stage, whatever the number of its units
+                await asyncio.gather(*(self.orch.send(site, node, "stages", job=job.id, checkpoint=op_id, stage=stage,
+                                                      units=batch) for (site, node), batch in by_agent.items()))
+            except BusError as exc:
+                raise StageFailed(f"{stage}: cannot reach an agent ({exc})", stage) from None
+            return await self._collect(futs, stage, timeout)
         finally:
             self._forget(op_id, units, stage)
+
+    async def _stages_in_turn(self, job: JobState, op_id: str, stages: list[str], units: list[UnitState],
+                              args: dict[str, dict[str, Any]], timeout: float,
+                              done: Callable[[str, dict[str, dict[str, Any]], float], None]) -> None:
+        """Run ``stages`` one after the other, each on every unit, with a barrier between them:
+        a stage starts on no unit before the one before it succeeded on all.  ``done(stage,
+        results, ms)`` is called as each completes; StageFailed (its ``stage`` set) ends the run.
+
+        When every unit is on one agent, that agent keeps the barrier: one message names all
+        the stages (``then``), it runs each on every unit before the next, stops at the first
+        failure, and answers each stage as it completes.  Otherwise one round trip per stage."""
+        if len(stages) < 2 or len({(u.site, u.node) for u in units}) != 1:
+            for stage in stages:
+                t0 = time.perf_counter()
+                res = await self._stage_all(job, op_id, stage, units, args, timeout)
+                done(stage, res, _ms(t0))
+            return
+        futs = {stage: self._expect(op_id, stage, units) for stage in stages}
+        site, node = units[0].site, units[0].node
+        try:
+            t0 = time.perf_counter()
+            try:
+                await self.orch.send(site, node, "stages", job=job.id, checkpoint=op_id, stage=stages[0],
+                                     then=stages[1:], units={u.name: args.get(u.name, {}) for u in units})
+            except BusError as exc:
+                raise StageFailed(f"{stages[0]}: cannot reach agent {node} ({exc})", stages[0]) from None
+            for stage in stages:
+                res = await self._collect(futs[stage], stage, timeout)
+                done(stage, res, _ms(t0))
+                t0 = time.perf_counter()
+        finally:
+            for stage in stages:
+                self._forget(op_id, units, stage)
+
+    def _expect(self, op_id: str, stage: str, units: list[UnitState]) -> dict[str, asyncio.Future]:
+        """The futures the units' results for ``stage`` of ``op_id`` will complete."""
+        loop = asyncio.get_running_loop()
+        return {u.name: self._waiting.setdefault((op_id, u.name, stage), loop.create_future()) for u in units}
+
+    @staticmethod
+    async def _collect(futs: dict[str, asyncio.Future], stage: str, timeout: float) -> dict[str, dict[str, Any]]:
+        """Wait for every unit's result of one stage; StageFailed naming the first failure."""
+        await asyncio.wait(futs.values(), timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
+        results: dict[str, dict[str, Any]] = {}
+        for name, fut in futs.items():
+            if not fut.done():
+                raise StageFailed(f"unit {name}: {stage} timed out after {timeout:g} s", stage)
+            exc = fut.exception()
+            if exc is not None:
+                raise StageFailed(str(exc), stage)
+            res = fut.result()
+            if not res["ok"]:
+                raise StageFailed(f"unit {name}: {stage} failed: {res.get('error') or 'no reason given'}", stage)
+            results[name] = res
+        return results
 
     def _forget(self, op_id: str, units: list[UnitState], stage: str) -> None:
         for u in units:
@@ -144,27 +186,32 @@ class Coordinator:
         seal_later = not job.interposed()
         resumed = False
         total_ms = 0.0
+        res_ck: dict[str, dict[str, Any]] = {}
 
-        async def run_stage(stage: str) -> dict[str, dict[str, Any]]:
-            t0 = time.perf_counter()
-            res = await self._stage_all(job, ckpt_id, stage, units, args, self._timeout(job))
-            stages_ms[stage] = _ms(t0)
+        def record(stage: str, res: dict[str, dict[str, Any]], ms: float) -> None:
+            nonlocal total_ms
+            stages_ms[stage] = ms
             for name, r in res.items():
                 per_unit[name]["stages_ms"][stage] = r["ms"]
                 if "bytes" in (r.get("data") or {}):
                     per_unit[name]["bytes"] = r["data"]["bytes"]
-            return res
-
-        async def resume() -> None:
-            nonlocal resumed, total_ms
-            resumed = True
-            try:
-                await run_stage("resume_cp")
+            if stage == "checkpoint":
+                res_ck.update(res)
+            elif stage == "resume_cp":
                 for name in per_unit:
                     job.units[name].state = "running"
+                total_ms = _ms(t_all)
+
+        async def run_stages(stages: list[str]) -> None:
+            nonlocal resumed, total_ms
+            resumed = resumed or "resume_cp" in stages
+            try:
+                await self._stages_in_turn(job, ckpt_id, stages, units, args, self._timeout(job), record)
             except StageFailed as exc:
+                if exc.stage != "resume_cp":   # the images are written: not a reason to abort
+                    raise
                 event(log, "resume_cp failed", logging.WARNING, job=job.id, checkpoint=ckpt_id, reason=str(exc))
-            total_ms = _ms(t_all)
+                total_ms = _ms(t_all)
 
         try:
             def begin() -> dict[str, int]:
@@ -177,12 +224,10 @@ class Coordinator:
             args = {u.name: {"seq": seqs[u.name], "timeout": self._timeout(job), "seal_later": seal_later,
                              "interval": job.interval_of(u.name) + 1} for u in units}
             try:
-                res_ck: dict[str, dict[str, Any]] = {}
-                for stage in ("prepare", "stop", "checkpoint"):
-                    res_ck = await run_stage(stage)
-                if seal_later:  # every image is written: the units need not wait for hashing and sync
-                    await resume()
-                    await run_stage(protocol.SEAL_STAGE)
+                # every image written: with seal_later the units need not wait for hashing and sync
+                await run_stages(["prepare", "stop", "checkpoint"] + (["resume_cp"] if seal_later else []))
+                if seal_later:
+                    await run_stages([protocol.SEAL_STAGE])
                 missing = await asyncio.to_thread(
                     lambda: [n for n, s in seqs.items() if not (store.images_dir(job.id, n, s) / "manifest.json").exists()])
                 if missing:
@@ -208,7 +253,7 @@ class Coordinator:
             event(log, "checkpoint committed", job=job.id, checkpoint=ckpt_id)
             committed_ms = _ms(t_all)
             if not resumed:
-                await resume()
+                await run_stages(["resume_cp"])
         finally:
             job.busy = ""
         for pu in per_unit.values():
@@ -394,9 +439,10 @@ class Coordinator:
         # every image is hashed here; with none, presence and sizes here and the agents check
         # the sha256 before anything restored runs (CRIU's page data while CRIU restores).
         verified = any(job.units[n].state not in TERMINAL_UNIT_STATES for n in plan)
+        full = job.spec.get("verify_images") == "full"   # else files unchanged since sealed are not re-read
         try:
             await asyncio.to_thread(lambda: [verify_manifest(store.images_dir(job.id, n, s), False,
-                                                             None if verified else sizes_only)
+                                                             None if verified else sizes_only, full)
                                              for n, s in plan.items() if s])
         except CorruptCheckpoint as exc:
             raise ControlError(f"checkpoint {label} of {job.id} is damaged: {exc}") from None
@@ -424,18 +470,20 @@ class Coordinator:
             specs = {s["name"]: self.orch.unit_launch_spec(job, s) for s in job.spec["units"]}
             intervals = {n: job.rewind(n, plan[n]) for n in names}
             args = {n: {"seq": plan[n], "from": label, "spec": specs[n], "interval": intervals[n],
-                        "fresh": plan[n] == 0, "verified": verified, "timeout": self._timeout(job)} for n in names}
+                        "fresh": plan[n] == 0, "verified": verified, "full_verify": full,
+                        "timeout": self._timeout(job)} for n in names}
             stages_ms: dict[str, float] = {}
             per_unit = {u.name: {"name": u.name, "node": u.node, "seq": plan[u.name], "stages_ms": {}} for u in units}
-            for stage in protocol.RESTART_STAGES:
-                t0 = time.perf_counter()
-                res = await self._stage_all(job, rst_id, stage, units, args, self._timeout(job))
-                stages_ms[stage] = _ms(t0)
+            def record(stage: str, res: dict[str, dict[str, Any]], ms: float) -> None:
+                stages_ms[stage] = ms
                 for name, r in res.items():
                     per_unit[name]["stages_ms"][stage] = r["ms"]
                     pid = (r.get("data") or {}).get("pid")
                     if pid:
                         per_unit[name]["pid"] = job.units[name].pid = pid
+
+            await self._stages_in_turn(job, rst_id, list(protocol.RESTART_STAGES), units, args,
+                                       self._timeout(job), record)
             interposed = set(job.interposed())
             if interposed & set(names):
                 await asyncio.to_thread(lambda: [self.orch.determinants.rollback(job.id, n, intervals[n])

@@ -42,16 +42,17 @@ from typing import Any, NoReturn
 
 __all__ = [
     "JobFileError", "JobSpec", "UnitSpec", "load_job_file", "parse_job", "parse_duration",
-    "KNOWN_CHECKPOINTERS", "PROTOCOLS", "RESTART_POLICIES", "CALLBACKS",
+    "KNOWN_CHECKPOINTERS", "PROTOCOLS", "RESTART_POLICIES", "CALLBACKS", "VERIFY_MODES",
 ]
 
 KNOWN_CHECKPOINTERS = ("criu", "app")
 PROTOCOLS = ("coordinated", "independent")
 RESTART_POLICIES = ("auto", "manual")
 CALLBACKS = ("pre_checkpoint", "post_checkpoint", "restart")
+VERIFY_MODES = ("changed", "full")
 
 JOB_KEYS = ("name", "protocol", "checkpoint_every", "restart", "max_restarts",
-            "stage_timeout", "units")
+            "stage_timeout", "verify_images", "units")
 UNIT_KEYS = ("name", "command", "checkpointer", "node", "site", "interpose", "env", "cwd",
              "callbacks", "checkpoint_every", "checkpoint_jitter")
 
@@ -176,6 +177,9 @@ class JobSpec:
     restart: str = "manual"
     max_restarts: int = DEFAULT_MAX_RESTARTS
     stage_timeout: float = DEFAULT_STAGE_TIMEOUT
+    verify_images: str = "changed"
+    """What a restart hashes: ``changed`` the image files whose inode, size, mtime or ctime
+    differ from when they were sealed; ``full`` every file, every time."""
     base_dir: str = ""
     """Absolute directory of the job file; relative paths in the file are relative to it."""
     source: str = ""
@@ -212,6 +216,8 @@ class JobSpec:
             bad("protocol", f"unknown value {self.protocol!r} (known: {_quoted(PROTOCOLS)})")
         if self.restart not in RESTART_POLICIES:
             bad("restart", f"unknown value {self.restart!r} (known: {_quoted(RESTART_POLICIES)})")
+        if self.verify_images not in VERIFY_MODES:
+            bad("verify_images", f"unknown value {self.verify_images!r} (known: {_quoted(VERIFY_MODES)})")
         if self.max_restarts < 0:
             bad("max_restarts", f"must be an integer >= 0, got {self.max_restarts}")
         for key in ("checkpoint_every", "stage_timeout"):
@@ -260,6 +266,7 @@ class JobSpec:
             "restart": self.restart,
             "max_restarts": self.max_restarts,
             "stage_timeout": self.stage_timeout,
+            "verify_images": self.verify_images,
             "base_dir": self.base_dir,
             "source": self.source,
             "units": [u.to_dict() for u in self.units],
@@ -284,6 +291,7 @@ class JobSpec:
             restart=_opt(data, "restart", str, where) or "manual",
             max_restarts=DEFAULT_MAX_RESTARTS if max_restarts is None else max_restarts,
             stage_timeout=DEFAULT_STAGE_TIMEOUT if stage_timeout is None else stage_timeout,
+            verify_images=_opt(data, "verify_images", str, where) or "changed",
             base_dir=_opt(data, "base_dir", str, where) or "",
             source=_opt(data, "source", str, where) or "",
         ).validate()
@@ -341,6 +349,7 @@ def parse_job(data: dict[str, Any], source: str,
     stage_timeout = v.duration(data, "stage_timeout", "stage_timeout")
     if stage_timeout is None:
         stage_timeout = DEFAULT_STAGE_TIMEOUT
+    verify_images = v.choice(data, "verify_images", "verify_images", VERIFY_MODES, "changed")
 
     if "units" not in data:
         v.fail("units", "missing: a job needs at least one [[units]] table")
@@ -358,7 +367,7 @@ def parse_job(data: dict[str, Any], source: str,
         units.append(unit)
     return JobSpec(name=name, units=units, protocol=protocol, checkpoint_every=checkpoint_every,
                    restart=restart, max_restarts=max_restarts, stage_timeout=stage_timeout,
-                   base_dir=base, source=source)
+                   verify_images=verify_images, base_dir=base, source=source)
 
 
 def _parse_unit(v: "_Validator", raw: Any, at: str, protocol: str, base: str) -> UnitSpec:

@@ -75,7 +75,10 @@ MESSAGE_TYPES: dict[str, _F] = {
     "kill": {"job": (str, True), "unit": (str, True), "signal": (int, False)},
     "stage": {"job": (str, True), "unit": (str, True), "checkpoint": (str, True),
               "stage": (str, True), "args": (dict, False)},
-    "stages": {"job": (str, True), "checkpoint": (str, True), "stage": (str, True), "units": (dict, True)},
+    "stages": {"job": (str, True), "checkpoint": (str, True), "stage": (str, True), "units": (dict, True),
+               # stages to run after ``stage``, each once the one before succeeded on every unit
+               # named (the message names every unit of the job: the agent keeps the barrier)
+               "then": (list, False)},
     "ping": {"sent": (_NUM, False)},
     # CLI -> orchestrator (routing key orchestrator.control), reply to reply_to
     "control": {"op": (str, True), "args": (dict, True)},
@@ -160,6 +163,10 @@ def validate(msg: Any) -> dict[str, Any]:
             raise ProtocolError(f"{type_}: field {name!r} is {type(value).__name__}, expected {_tname(types)}")
     if type_ in ("stage", "stages", "stage_results") and msg["stage"] not in STAGES:
         raise ProtocolError(f"stage: unknown stage {msg['stage']!r}")
+    if type_ == "stages" and msg.get("then") is not None:
+        for later in msg["then"]:
+            if not isinstance(later, str) or later not in STAGES:
+                raise ProtocolError(f"stages: unknown stage {later!r} in 'then'")
     return msg
 
 

@@ -35,7 +35,13 @@ restore tools write logs into the images directory (``criu restore`` writes
 ``restore.log`` there), and a second restart from the same checkpoint must
 still verify.  Every file the manifest names is checked for presence, size
 and sha256, so an image cannot be altered unnoticed.  ``strict=True`` rejects
-extra files too.
+extra files too.  The sha256 of a file is recomputed only if the file may have
+been written since it was sealed: the manifest keeps each file's fingerprint
+(inode, size, mtime, ctime) from sealing time, and sealing sets the mtime to a
+value no write can produce, so any write, truncation, replacement or ``touch``
+through the file system shows (ctime cannot be set from user space).  What a
+fingerprint cannot see (bits rotting beneath the file system, a raw write to
+the block device) ``full=True`` catches: a job's ``verify_images = "full"``.
 
 All functions block (file I/O, hashing); asyncio callers run them in a thread.
 """
@@ -61,6 +67,7 @@ from typing import Any, Callable, Iterator
 __all__ = [
     "Store", "StoreError", "CorruptCheckpoint", "JobNotFound", "CheckpointNotFound",
     "write_json_atomic", "read_json", "write_manifest", "verify_manifest", "MANIFEST",
+    "changed_since_sealed", "unchanged_since_sealed",
 ]
 
 log = logging.getLogger(__name__)
@@ -185,14 +192,20 @@ def _open_noatime(path: Path) -> int:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
-def _hash_file(path: Path, fsync: bool) -> tuple[int, str]:
-    """(size, sha256 hex) of a file, read in 1 MiB chunks; optionally fsync it."""
+def _fingerprint(st: os.stat_result) -> list[int]:
+    """What changes whenever a file's content is written through the file system: inode,
+    size, mtime and ctime (ctime cannot be set back from user space)."""
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _hash_file(path: Path, fsync: bool) -> tuple[int, str, list[int]]:
+    """(size, sha256 hex, fingerprint) of a file, read in 1 MiB chunks; optionally fsync it."""
     h = hashlib.sha256()
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     size = 0
     with open(_open_noatime(path), "rb", buffering=0) as f:
-        expected = os.fstat(f.fileno()).st_size
+        before = _fingerprint(os.fstat(f.fileno()))
         while True:
             n = f.readinto(buf)
             if not n:
@@ -201,9 +214,21 @@ def _hash_file(path: Path, fsync: bool) -> tuple[int, str]:
             size += n
         if fsync:
             os.fsync(f.fileno())
-    if size != expected:
-        raise StoreError(f"{path}: changed while being hashed ({expected} -> {size} bytes)")
-    return size, h.hexdigest()
+        after = _fingerprint(os.fstat(f.fileno()))
+    if size != before[1] or after != before:
+        raise StoreError(f"{path}: changed while being hashed ({before[1]} -> {size} bytes)")
+    return size, h.hexdigest(), after
+
+
+def _seal(path: Path, hashed: list[int]) -> list[int]:
+    """Mark a file just hashed so that any later write shows in its fingerprint, whatever the
+    kernel's timestamp granularity: its mtime is set 1 ns before the last write's, a value
+    no later write can produce (a write stamps the current time).  Returns the fingerprint."""
+    st = os.lstat(path)
+    if _fingerprint(st) != hashed:
+        raise StoreError(f"{path}: changed while being hashed")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 1), follow_symlinks=False)
+    return _fingerprint(os.lstat(path))
 
 
 _libc: Any = None
@@ -238,8 +263,9 @@ def write_manifest(images_dir: str | os.PathLike[str], meta: dict[str, Any],
     last, by atomic rename.  Returns the manifest.
 
     The manifest is ``meta`` (checkpointer, node, stages_ms, job, unit, seq ...)
-    plus ``format``, ``created`` (unless given), ``files`` ({relpath: {size, sha256}})
-    and ``bytes`` (total); the computed keys win over keys of the same name in meta.
+    plus ``format``, ``created`` (unless given), ``files`` ({relpath: {size, sha256,
+    sealed}}, ``sealed`` the file's fingerprint when it was hashed: inode, size, mtime and
+    ctime in ns) and ``bytes`` (total); the computed keys win over keys of the same name in meta.
     With ``fsync`` (default) the image files and their directories are made durable
     before the manifest is written (one ``syncfs`` of their file system, or an
     fsync per file where syncfs is unavailable), so a committed checkpoint
@@ -253,8 +279,8 @@ def write_manifest(images_dir: str | os.PathLike[str], meta: dict[str, Any],
     total = 0
     paths = []
     for rel, p in _image_files(images_dir):
-        size, digest = _hash_file(p, fsync=False)
-        files[rel] = {"size": size, "sha256": digest}
+        size, digest, fp = _hash_file(p, fsync=False)
+        files[rel] = {"size": size, "sha256": digest, "sealed": _seal(p, fp)}
         total += size
         paths.append(p)
         dirs.add(p.parent)
@@ -275,7 +301,8 @@ def write_manifest(images_dir: str | os.PathLike[str], meta: dict[str, Any],
 
 
 def verify_manifest(images_dir: str | os.PathLike[str], strict: bool = False,
-                    hash_files: Callable[[str], bool] | None = None) -> dict[str, Any]:
+                    hash_files: Callable[[str], bool] | None = None,
+                    full: bool = False) -> dict[str, Any]:
     """Check every file the manifest names (presence, size, sha256); return the manifest.
 
     Raises ``CorruptCheckpoint`` naming the file and what is wrong: no manifest,
@@ -283,7 +310,9 @@ def verify_manifest(images_dir: str | os.PathLike[str], strict: bool = False,
     mismatch (tampered).  Files the manifest does not name are ignored unless
     ``strict`` (see the module docstring for why).  ``hash_files(relpath)`` picks
     the files whose sha256 is checked (default: all; the others get presence and
-    size only, see ``verify_hashes``).
+    size only, see ``verify_hashes``).  A picked file whose fingerprint (inode, size,
+    mtime, ctime) is still the one it had when it was sealed was not written since
+    and is not read again, unless ``full``.
     """
     images_dir = Path(images_dir)
     mpath = images_dir / MANIFEST
@@ -322,7 +351,7 @@ def verify_manifest(images_dir: str | os.PathLike[str], strict: bool = False,
         if st.st_size > want:
             raise CorruptCheckpoint(f"{p}: size mismatch: {st.st_size} bytes, manifest says {want}")
         if hash_files is None or hash_files(rel):
-            _check_digest(p, entry)
+            _check_digest(p, entry, None if full else st)
     if strict:
         for rel, p in _image_files(images_dir):
             if rel not in files:
@@ -336,19 +365,53 @@ def sizes_only(rel: str) -> bool:
 
 
 def verify_hashes(images_dir: str | os.PathLike[str], manifest: dict[str, Any],
-                  hash_files: Callable[[str], bool]) -> None:
+                  hash_files: Callable[[str], bool], full: bool = False) -> None:
     """The sha256 check of the files ``hash_files`` picks, against a manifest that
-    ``verify_manifest`` already accepted; raises ``CorruptCheckpoint`` naming the file."""
+    ``verify_manifest`` already accepted; raises ``CorruptCheckpoint`` naming the file.
+    Files unchanged since they were sealed are skipped unless ``full`` (as there)."""
     images_dir = Path(images_dir)
     for rel, entry in sorted(manifest["files"].items()):
         if hash_files(rel):
-            _check_digest(images_dir / rel, entry)
+            p = images_dir / rel
+            st = None
+            if not full:
+                try:
+                    st = os.lstat(p)
+                except OSError:
+                    st = None
+            _check_digest(p, entry, st)
 
 
-def _check_digest(p: Path, entry: dict[str, Any]) -> None:
+def changed_since_sealed(images_dir: str | os.PathLike[str], manifest: dict[str, Any],
+                         which: Callable[[str], bool]) -> list[str]:
+    """The files ``which`` picks that may have been written since they were sealed (their
+    fingerprint differs, or they cannot be stat'ed): the ones a check must hash."""
+    out = []
+    for rel, entry in sorted(manifest["files"].items()):
+        if which(rel):
+            try:
+                st: os.stat_result | None = os.lstat(Path(images_dir) / rel)
+            except OSError:
+                st = None
+            if not unchanged_since_sealed(entry, st):
+                out.append(rel)
+    return out
+
+
+def unchanged_since_sealed(entry: dict[str, Any], st: os.stat_result | None) -> bool:
+    """True if ``st`` is the fingerprint the manifest ``entry`` recorded when the file was
+    hashed: nothing wrote to the file through the file system since."""
+    sealed = entry.get("sealed")
+    return st is not None and isinstance(sealed, list) and sealed == _fingerprint(st)
+
+
+def _check_digest(p: Path, entry: dict[str, Any], st: os.stat_result | None = None) -> None:
+    """Hash ``p`` against ``entry`` unless ``st`` shows it unchanged since it was sealed."""
+    if unchanged_since_sealed(entry, st):
+        return
     want = entry["size"]
     try:
-        size, digest = _hash_file(p, fsync=False)
+        size, digest, _ = _hash_file(p, fsync=False)
     except StoreError as e:
         raise CorruptCheckpoint(str(e)) from None
     except FileNotFoundError:

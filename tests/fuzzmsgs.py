@@ -30,6 +30,8 @@ def valid_message(type_: str, rnd: random.Random) -> dict[str, Any]:
     fields = {name: _sample_value(types) for name, (types, _req) in protocol.MESSAGE_TYPES[type_].items()}
     if "stage" in fields:
         fields["stage"] = rnd.choice(protocol.STAGES)
+    if "then" in fields:
+        fields["then"] = [rnd.choice(protocol.STAGES)]
     return protocol.make(type_, **fields)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -42,7 +43,8 @@ def _wait_step(cluster: Cluster, job: str, unit: str, above: int, timeout: float
     raise AssertionError(f"unit {unit} made no progress past {above}")
 
 
-def _three_units(tmp_path: Path, extra: str = "", a_extra: str = "") -> Path:
+def _three_units(tmp_path: Path, extra: str = "", a_extra: str = "", nodes: str = "n1 n2 n2") -> Path:
+    na, nb, nc = nodes.split()
     return write_job(tmp_path / "trio.toml", f'''
 name = "trio"
 stage_timeout = "5s"
@@ -51,18 +53,18 @@ stage_timeout = "5s"
 name = "a"
 command = ["python3", "{PROGRESS}", "--every", "0.05"]
 checkpointer = "criu"
-node = "n1"
+node = "{na}"
 {a_extra}
 [[units]]
 name = "b"
 command = ["python3", "{PROGRESS}", "--every", "0.05", "--child"]
 checkpointer = "criu"
-node = "n2"
+node = "{nb}"
 [[units]]
 name = "c"
 command = ["python3", "{COUNTER_APP}", "--to", "0", "--interval", "0.05"]
 checkpointer = "app"
-node = "n2"
+node = "{nc}"
 ''')
 
 
@@ -122,9 +124,11 @@ def test_checkpoint_kill_restart_same_and_other_node(cluster: Cluster, tmp_path:
     _wait_step(cluster, job, "a", at_ckpt["a"])
 
 
-def test_failing_pre_checkpoint_callback_aborts_cleanly(cluster: Cluster, tmp_path: Path) -> None:
-    _start(cluster)
-    job = cluster.submit(_three_units(tmp_path, a_extra='callbacks = { pre_checkpoint = ["sh", "-c", "exit 7"] }'))
+@pytest.mark.parametrize("nodes", ["n1 n2 n2", "n1 n1 n1"], ids=["two-agents", "one-agent-keeps-the-barrier"])
+def test_failing_pre_checkpoint_callback_aborts_cleanly(cluster: Cluster, tmp_path: Path, nodes: str) -> None:
+    _start(cluster, tuple(sorted(set(nodes.split()))))
+    job = cluster.submit(_three_units(tmp_path, a_extra='callbacks = { pre_checkpoint = ["sh", "-c", "exit 7"] }',
+                                      nodes=nodes))
     cluster.wait_status(job, _running)
     r = cluster.cli("checkpoint", job)
     assert r.returncode == 1 and "aborted" in r.stderr and "pre_checkpoint" in r.stderr, r.stderr
@@ -153,9 +157,11 @@ def test_seal_failing_after_resume_aborts_cleanly(cluster: Cluster, tmp_path: Pa
         _wait_step(cluster, job, u, _step(cluster, job, u))
 
 
-def test_unit_dying_mid_checkpoint_aborts(cluster: Cluster, tmp_path: Path) -> None:
-    _start(cluster)
-    job = cluster.submit(_three_units(tmp_path, a_extra='callbacks = { pre_checkpoint = ["sleep", "1.5"] }'))
+@pytest.mark.parametrize("nodes", ["n1 n2 n2", "n1 n1 n1"], ids=["two-agents", "one-agent-keeps-the-barrier"])
+def test_unit_dying_mid_checkpoint_aborts(cluster: Cluster, tmp_path: Path, nodes: str) -> None:
+    _start(cluster, tuple(sorted(set(nodes.split()))))
+    job = cluster.submit(_three_units(tmp_path, a_extra='callbacks = { pre_checkpoint = ["sleep", "1.5"] }',
+                                      nodes=nodes))
     st = cluster.wait_status(job, _running)
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "checkpoint", job], env=cluster.env(),
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -265,6 +271,25 @@ def test_tampered_pages_of_a_dead_job_are_caught_while_restoring(cluster: Cluste
     assert all(u["state"] in ("failed", "exited", "cancelled") for u in st["units"]), st
     left = alive_pids(Freezer(job, "a", list).cgroup_pids())
     assert not left, f"the restored tree of a survived: {left}"
+
+
+def test_verify_images_full_rehashes_files_unchanged_since_sealed(cluster: Cluster, tmp_path: Path) -> None:
+    """By default a restart re-reads only image files written since they were sealed; with
+    ``verify_images = "full"`` it hashes every file, so a sha256 that no longer matches an
+    untouched file (what bits rotting beneath the file system look like) is refused."""
+    _start(cluster, ("n1", "n2"))
+    job = cluster.submit(_three_units(tmp_path, extra='verify_images = "full"'))
+    cluster.wait_status(job, _running)
+    ck = cluster.cli_json("checkpoint", job)
+    seq = next(u["seq"] for u in ck["units"] if u["name"] == "a")
+    images = cluster.store / "jobs" / job / "units" / "a" / str(seq)
+    victim = max(images.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    manifest = json.loads((images / "manifest.json").read_text())
+    manifest["files"][victim.name]["sha256"] = "0" * 64
+    (images / "manifest.json").write_text(json.dumps(manifest))
+    r = cluster.cli("restart", job)
+    assert r.returncode == 1 and victim.name in r.stderr and "sha256" in r.stderr, r.stderr
+    cluster.wait_status(job, _running)  # refused before the running job was touched
 
 
 def test_periodic_checkpoints_and_auto_restart(cluster: Cluster, tmp_path: Path) -> None:

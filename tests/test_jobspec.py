@@ -44,6 +44,8 @@ BAD = [
      '"coordinated", "independent"'),
     ("bad-restart", 'name = "j"\nrestart = "always"\n' + UNIT, "restart: unknown value 'always'",
      '"auto", "manual"'),
+    ("bad-verify", 'name = "j"\nverify_images = "never"\n' + UNIT, "verify_images: unknown value 'never'",
+     '"changed", "full"'),
     ("command-string", 'name = "j"\n[[units]]\nname = "a"\ncommand = "python3 x.py"\n',
      "units[0].command: must be a non-empty array of non-empty strings", "got string"),
     ("command-empty", 'name = "j"\n[[units]]\nname = "a"\ncommand = []\n',
@@ -194,8 +196,8 @@ def test_design_example(tmp_path: Path) -> None:
 
 def test_defaults(tmp_path: Path) -> None:
     job = load_job_file(write(tmp_path, 'name = "j-1.x_y"\n' + UNIT))
-    assert (job.protocol, job.restart, job.max_restarts, job.stage_timeout, job.checkpoint_every) == (
-        "coordinated", "manual", 3, 30.0, None)
+    assert (job.protocol, job.restart, job.max_restarts, job.stage_timeout, job.checkpoint_every,
+            job.verify_images) == ("coordinated", "manual", 3, 30.0, None, "changed")
     u = job.units[0]
     assert (u.checkpointer, u.node, u.site, u.interpose, u.env, u.cwd, u.callbacks) == (
         "criu", None, None, False, {}, None, {})
@@ -263,6 +265,7 @@ def test_to_dict_is_a_copy(tmp_path: Path) -> None:
     (lambda d: d.update(stage_timeout=0), r"stage_timeout: must be a positive duration"),
     (lambda d: d.update(name="../x"), r"name: '\.\./x' is not a valid name"),
     (lambda d: d.update(protocol="nope"), r"protocol: unknown value"),
+    (lambda d: d.update(verify_images="sometimes"), r"verify_images: unknown value"),
     (lambda d: d.update(max_restarts=-2), r"max_restarts: must be an integer >= 0"),
     (lambda d: d["units"][1].update(name="a"), r"units\[1\]\.name: duplicate unit name 'a'"),
     (lambda d: d["units"][0].update(checkpointer="dmtcp"), r"units\[0\]\.checkpointer: unknown checkpointer"),

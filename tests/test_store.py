@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -128,7 +129,9 @@ def test_manifest_contents(tmp_path: Path) -> None:
     assert set(m["files"]) == set(IMAGES)
     import hashlib
     for rel, data in IMAGES.items():
-        assert m["files"][rel] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        st = os.lstat(d / rel)
+        assert m["files"][rel] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                                   "sealed": [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]}
     assert m["bytes"] == sum(len(v) for v in IMAGES.values())
     assert m["checkpointer"] == "criu" and m["stages_ms"] == {"prepare": 1.5} and m["created"] > 0
     assert verify_manifest(d) == m
@@ -201,6 +204,68 @@ def test_verify_detects_tamper(images: Path) -> None:
         f.write(bytes([b[0] ^ 1]))
     with pytest.raises(CorruptCheckpoint, match=rf"^{p}: sha256 mismatch.*tampered"):
         verify_manifest(images)
+
+
+def _hashed_files(monkeypatch) -> list[str]:
+    """Names of the files _hash_file reads from now on."""
+    seen: list[str] = []
+    real = store_mod._hash_file
+
+    def spy(path, fsync):
+        seen.append(Path(path).name)
+        return real(path, fsync)
+
+    monkeypatch.setattr(store_mod, "_hash_file", spy)
+    return seen
+
+
+def test_verify_skips_files_unchanged_since_sealed(images: Path, monkeypatch) -> None:
+    seen = _hashed_files(monkeypatch)
+    verify_manifest(images)
+    assert seen == []
+    verify_manifest(images, full=True)   # verify_images = "full": every file, every time
+    assert sorted(seen) == sorted(Path(rel).name for rel in IMAGES)
+
+
+@pytest.mark.parametrize("how", ["same bytes rewritten", "mtime put back", "replaced by a copy"])
+def test_verify_rehashes_a_file_written_since_sealed(images: Path, monkeypatch, how: str) -> None:
+    """Any write shows in the fingerprint (even one that keeps size and mtime), and the file is
+    hashed again: identical content passes, a flipped byte with its mtime put back does not."""
+    p = images / "pages-1.img"
+    st = os.lstat(p)
+    if how == "same bytes rewritten":
+        with open(p, "r+b") as f:
+            b = f.read(1)
+            f.seek(0)
+            f.write(b)
+    elif how == "mtime put back":
+        with open(p, "r+b") as f:
+            b = f.read(1)
+            f.seek(0)
+            f.write(bytes([b[0] ^ 0x40]))
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    else:
+        shutil.copyfile(p, images / "copy.tmp")
+        os.replace(images / "copy.tmp", p)
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    seen = _hashed_files(monkeypatch)
+    if how == "mtime put back":
+        with pytest.raises(CorruptCheckpoint, match=rf"^{p}: sha256 mismatch"):
+            verify_manifest(images)
+    else:
+        verify_manifest(images)
+    assert seen == ["pages-1.img"]
+
+
+def test_verify_hashes_files_of_a_manifest_without_fingerprints(images: Path, monkeypatch) -> None:
+    """Manifests written before fingerprints existed are verified in full."""
+    m = json.loads((images / MANIFEST).read_text())
+    for entry in m["files"].values():
+        del entry["sealed"]
+    (images / MANIFEST).write_text(json.dumps(m))
+    seen = _hashed_files(monkeypatch)
+    verify_manifest(images)
+    assert len(seen) == len(IMAGES)
 
 
 def test_verify_detects_truncate(images: Path) -> None:

@@ -1,0 +1,150 @@
+"""The barrier between stages: kept by the orchestrator (one round trip per stage) when a job
+spans several agents, by the agent itself (one ``stages`` message with ``then``) when every
+unit is on one agent.  Real daemons and app-level units over memory://; the amqp:// paths of
+both are covered by tests/test_coordinated.py."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent.daemon import NodeAgent
+from orchestrator import protocol
+from orchestrator.bus import open_bus
+from orchestrator.control import ControlError
+from orchestrator.daemon import Orchestrator
+from orchestrator.jobspec import parse_job
+from orchestrator.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+COUNTER = str(ROOT / "examples" / "counter_app.py")
+
+
+class Cell:
+    """An orchestrator and agents n1, n2 in this process, over one memory:// bus; records every
+    ``stages`` command the orchestrator publishes."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.store = Store(tmp / "store")
+        self.url = f"memory://chain-{time.monotonic_ns()}"
+        self.sent: list[dict[str, Any]] = []
+        self.agents: dict[str, NodeAgent] = {}
+
+    async def __aenter__(self) -> "Cell":
+        self.obus = open_bus(self.url)
+        await self.obus.connect()
+        publish = self.obus.publish
+
+        async def spy(key: str, msg: dict[str, Any], **kw: Any) -> None:
+            if msg.get("type") == "stages":
+                self.sent.append(msg)
+            await publish(key, msg, **kw)
+
+        self.obus.publish = spy  # type: ignore[method-assign]
+        self.orch = Orchestrator(self.obus, self.store, heartbeat_interval=0.5)
+        await self.orch.start()
+        for node in ("n1", "n2"):
+            bus = open_bus(self.url)
+            await bus.connect()
+            agent = self.agents[node] = NodeAgent(bus, self.store, node, "s1", heartbeat_interval=0.5)
+            await agent.start()
+        await self.until(lambda: len(self.orch.live_agents()) == 2)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        for job in list(self.orch.jobs):
+            try:
+                await self.orch.control("cancel", {"job": job})
+            except ControlError:
+                pass
+        for agent in self.agents.values():
+            await agent.stop(kill_units=True)
+            await agent.bus.close()
+        await self.orch.stop()
+        await self.obus.close()
+
+    @staticmethod
+    async def until(pred, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not pred():
+            if time.monotonic() > deadline:
+                raise AssertionError("condition not met in time")
+            await asyncio.sleep(0.01)
+
+    async def submit(self, nodes: list[str], extra: dict[str, Any] | None = None) -> str:
+        units = [{"name": f"u{i}", "checkpointer": "app", "node": node,
+                  "command": [sys.executable, COUNTER, "--interval", "0.02"], **(extra or {}).get(f"u{i}", {})}
+                 for i, node in enumerate(nodes)]
+        spec = parse_job({"name": "chain", "stage_timeout": "10s", "units": units}, "chain", ROOT).to_dict()
+        job = (await self.orch.control("submit", {"spec": spec}))["job"]
+        await self.until(lambda: all(u.state == "running" for u in self.orch.jobs[job].units.values()))
+        await asyncio.sleep(0.3)  # every program has said HELLO
+        return job
+
+    def chains(self) -> list[tuple[str, list[str]]]:
+        return [(m["stage"], list(m.get("then") or [])) for m in self.sent]
+
+
+async def test_one_agent_keeps_the_barrier(tmp_path: Path) -> None:
+    async with Cell(tmp_path) as cell:
+        job = await cell.submit(["n1", "n1", "n1"])
+        ck = await cell.orch.control("checkpoint", {"job": job})
+        assert cell.chains() == [("prepare", ["stop", "checkpoint", "resume_cp"]), ("seal", [])]
+        assert list(ck["stages_ms"]) == ["prepare", "stop", "checkpoint", "resume_cp", "seal"]
+        assert all(set(u["stages_ms"]) == set(ck["stages_ms"]) for u in ck["units"])
+        assert [c["id"] for c in await asyncio.to_thread(cell.store.list_checkpoints, job)] == [ck["checkpoint"]]
+        cell.sent.clear()
+        rs = await cell.orch.control("restart", {"job": job, "checkpoint": ck["checkpoint"]})
+        assert cell.chains() == [("rebuild", ["resume_rst"])]
+        assert list(rs["stages_ms"]) == ["rebuild", "resume_rst"]
+        assert all(u.state == "running" for u in cell.orch.jobs[job].units.values())
+
+
+async def test_two_agents_one_round_trip_per_stage(tmp_path: Path) -> None:
+    async with Cell(tmp_path) as cell:
+        job = await cell.submit(["n1", "n2"])
+        await cell.orch.control("checkpoint", {"job": job})
+        stages = [stage for stage, then in cell.chains()]
+        assert all(then == [] for _, then in cell.chains())
+        assert stages == [s for s in ("prepare", "stop", "checkpoint", "resume_cp", "seal") for _ in (0, 1)]
+
+
+@pytest.mark.parametrize("nodes", [["n1", "n1"], ["n1", "n2"]], ids=["one-agent", "two-agents"])
+async def test_a_failing_stage_ends_the_chain_and_the_checkpoint_aborts(tmp_path: Path, nodes: list[str]) -> None:
+    """u1's pre_checkpoint callback fails: no unit is stopped or checkpointed, every unit runs
+    on, nothing is listed and no images are left."""
+    async with Cell(tmp_path) as cell:
+        job = await cell.submit(nodes, {"u1": {"callbacks": {"pre_checkpoint": ["sh", "-c", "exit 3"]}}})
+        with pytest.raises(ControlError, match="aborted.*u1.*pre_checkpoint"):
+            await cell.orch.control("checkpoint", {"job": job})
+        sent = [stage for stage, _ in cell.chains()]
+        assert "stop" not in sent and "checkpoint" not in sent and sent[-1] == protocol.ABORT_STAGE
+        assert await asyncio.to_thread(cell.store.list_checkpoints, job) == []
+        for name in ("u0", "u1"):
+            assert not list(cell.store.unit_dir(job, name).glob("[0-9]*")), f"images of {name} left"
+            unit = cell.agents[nodes[int(name[1])]].units[(job, name)]
+            assert unit.state == "running" and not unit.ended
+
+
+async def test_an_abort_stops_the_agents_chain(tmp_path: Path) -> None:
+    """The orchestrator gives up on a chain (here: its stage timeout passes while a slow
+    pre_checkpoint callback runs, which the agent, allowing twice as long, lets finish) and
+    aborts; the agent must not run the chain's later stages after the abort, which would
+    write images no checkpoint lists."""
+    async with Cell(tmp_path) as cell:
+        job = await cell.submit(["n1", "n1"], {"u0": {"callbacks": {"pre_checkpoint": ["sleep", "0.8"]}}})
+        cell.orch.jobs[job].spec["stage_timeout"] = 0.5
+        with pytest.raises(ControlError, match="aborted.*timed out"):
+            await cell.orch.control("checkpoint", {"job": job})
+        await asyncio.sleep(1.5)   # the callback ends; the chain would go on to stop and checkpoint
+        agent = cell.agents["n1"]
+        for name in ("u0", "u1"):
+            assert not list(cell.store.unit_dir(job, name).glob("[0-9]*")), f"images of {name} left"
+            unit = agent.units[(job, name)]
+            assert unit.state == "running" and not unit.ended
+        assert await asyncio.to_thread(cell.store.list_checkpoints, job) == []
