@@ -108,13 +108,26 @@ def freezer_kind() -> tuple[str, str | None]:
 
 
 def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
+    """A small control file (cgroupfs, procfs) in one read: no buffered text object."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while True:   # to the end (a long cgroup.procs takes several reads)
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks).decode()
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
 
 
 def _write(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
+    """One write(2) to a control file, as the kernel wants it (no buffering)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 def tree_pids(root: int | None) -> list[int]:

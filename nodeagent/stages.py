@@ -10,7 +10,7 @@ stop           freeze the unit's tree (cgroup freezer, SIGSTOP fallback)
 checkpoint     backend.checkpoint, then manifest.json (sizes, sha256, stage timings) written
                last in a thread; data: bytes, files.  With ``seal_later`` the manifest waits
                for the seal stage, so the unit can resume as soon as its images are written
-resume_cp      thaw, backend.resume_cp, job-file post_checkpoint callback
+resume_cp      backend.before_thaw, thaw, backend.resume_cp, job-file post_checkpoint callback
 seal           (after resume_cp, only with ``seal_later``) hash the images and write the
                manifest while the unit runs again; data: bytes, files
 abort          thaw if frozen, backend.abort, delete the partial images
@@ -196,8 +196,10 @@ class UnitStageRunner:
 
     async def _resume_cp(self, unit, cid, seq, args) -> dict[str, Any]:
         ctx = self._context(unit, cid, seq)
+        backend = self.backend_for(unit)
+        await backend.before_thaw(unit)
         await unit.thaw()
-        await self.backend_for(unit).resume_cp(unit)
+        await backend.resume_cp(unit)
         await run_callback(unit, "post_checkpoint", checkpoint=cid, images=ctx["images"],
                            timeout=args.get("callback_timeout", self.callback_timeout))
         return {"seq": ctx["seq"]}

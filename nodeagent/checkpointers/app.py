@@ -425,8 +425,10 @@ class AppCheckpointer(Checkpointer):
         if not found:
             raise CheckpointError(f"unit {unit.name}: the program wrote no state into {images}")
 
-    async def resume_cp(self, unit: UnitProcess) -> None:
-        """Leave quiescence, then the post-checkpoint hook.
+    async def before_thaw(self, unit: UnitProcess) -> None:
+        """Leave quiescence: RESUME goes out while the tree is still frozen, so the thaw that
+        follows wakes the program once, with RESUME already waiting (a RESUME after the thaw
+        woke every program a second time).
 
         RESUME is sent without waiting for its OK (the program's acknowledgement carries no
         verdict: leaving quiescence cannot fail), as a thaw does not wait for the tree to be
@@ -435,6 +437,11 @@ class AppCheckpointer(Checkpointer):
         cid = str(getattr(unit, "checkpoint_id", "") or "-")
         for conn in await s.wait_connected(self.timeout, unit.name):
             await conn.notify(f"RESUME {cid}", self.timeout)
+
+    async def resume_cp(self, unit: UnitProcess) -> None:
+        """The post-checkpoint hook (RESUME went out in ``before_thaw``)."""
+        s = self._session(unit)
+        cid = str(getattr(unit, "checkpoint_id", "") or "-")
         await s.request_all(f"POST_CHECKPOINT {cid}", "OK", self.timeout, unit.name)
 
     async def abort(self, unit: UnitProcess, images: Path) -> None:

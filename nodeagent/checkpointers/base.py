@@ -10,6 +10,7 @@ Stage calls, for a checkpoint with images directory ``images``::
     prepare(unit, images)      unit running; backend gets ready (app: tell the program)
     <agent freezes the tree>   (stop)
     checkpoint(unit, images)   unit frozen; write every image file into ``images``
+    before_thaw(unit)          resume_cp, tree still frozen (app: RESUME, read once thawed)
     resume_cp(unit)            after the agent thawed the tree
     abort(unit, images)        instead of the rest, after any failure; unit must run on
 
@@ -96,6 +97,10 @@ class Checkpointer(abc.ABC):
     @abc.abstractmethod
     async def checkpoint(self, unit: UnitProcess, images: Path) -> None:
         """Write the frozen unit's images into ``images``."""
+
+    async def before_thaw(self, unit: UnitProcess) -> None:
+        """resume_cp, while the tree is still frozen: what can be sent to it now is read when
+        the thaw wakes it (one wake-up per process instead of two)."""
 
     async def resume_cp(self, unit: UnitProcess) -> None:
         """The unit was thawed after a committed checkpoint stage."""
