@@ -156,7 +156,7 @@ class UnitStageRunner:
         self._context(unit, cid, seq)
         self._require_alive(unit, "stop")
         await unit.freeze()
-        return {"nprocs": len(unit.pids())}
+        return {}   # no listing of the tree: reads per unit and stage that nothing used
 
     async def _checkpoint(self, unit, cid, seq, args) -> dict[str, Any]:
         ctx = self._context(unit, cid, seq)
