@@ -42,11 +42,12 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 StateCallback = Callable[["Unit"], Awaitable[None]]
 
 
-def become_subreaper() -> bool:
-    """Make this process the subreaper of its descendants (PR_SET_CHILD_SUBREAPER)."""
+def become_subreaper(on: bool = True) -> bool:
+    """Make this process the subreaper of its descendants (PR_SET_CHILD_SUBREAPER), or no
+    longer (``on=False``: an agent that ran inside a longer-lived process, as in tests)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(36, 1, 0, 0, 0) == 0
+        return libc.prctl(36, int(on), 0, 0, 0) == 0
     except OSError:
         return False
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from nodeagent.daemon import NodeAgent
+from nodeagent.units import become_subreaper
 from orchestrator import protocol
 from orchestrator.bus import open_bus
 from orchestrator.control import ControlError
@@ -67,6 +68,7 @@ class Cell:
             await agent.bus.close()
         await self.orch.stop()
         await self.obus.close()
+        become_subreaper(False)   # NodeAgent.start made this test process one
 
     @staticmethod
     async def until(pred, timeout: float = 20.0) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from nodeagent import freezer as fz
 from nodeagent.checkpointers.base import CheckpointError, LaunchPlan
-from nodeagent.units import Unit
+from nodeagent.units import Unit, become_subreaper
 
 PY = sys.executable
 
@@ -205,6 +205,7 @@ async def test_stopped_launch_runs_only_after_thaw(tmp_path, cleanup, kind):
 
 async def test_adopted_tree_exit_detected(tmp_path, cleanup):
     """A tree that is not the agent's child (as after a restore) is watched through a pidfd."""
+    become_subreaper(False)   # the orphaned sleep must not become this process's child
     out = subprocess.run(["sh", "-c", "sleep 30 >/dev/null 2>&1 & echo $!"], capture_output=True,
                          text=True, check=True).stdout
     pid = int(out)
