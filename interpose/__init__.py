@@ -1,6 +1,7 @@
 """The LD_PRELOAD interposition shim and the reader of its determinant records.
 
-`library_path()` gives the compiled shim (built on demand when missing);
+`library_path()` gives the compiled shim (built on demand when missing), `logctl_path()`
+the log-control library next to it (`interpose.logctl` closes records before shipping);
 `interpose.reader` decodes its logs, `interpose.control.ControlPage` drives the
 interval counter, `interpose.trace` runs a command under the shim.
 """
@@ -9,9 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .build import ASAN_LIBRARY_NAME, LIBRARY_NAME, HERE, BuildError, build_library, source_digest
+from .build import ASAN_LIBRARY_NAME, LIBRARY_NAME, LOGCTL_LIBRARY_NAME, HERE, BuildError, build_library, \
+    source_digest
 
-__all__ = ["library_path", "asan_library_path", "shim_env", "BuildError"]
+__all__ = ["library_path", "logctl_path", "asan_library_path", "shim_env", "BuildError"]
 
 ENV_DIR = "GRIDCKPT_SHIM_DIR"
 ENV_UNIT = "GRIDCKPT_UNIT"
@@ -23,11 +25,11 @@ def _cache_dir() -> Path:
     return Path(base) / "gridckpt" / "interpose"
 
 
-def _is_current(lib: Path) -> bool:
+def _is_current(lib: Path, source: str = "shim.c") -> bool:
     """True when `lib` exists and is not older than the sources next to it (if any)."""
     if not lib.exists():
         return False
-    sources = [HERE / "shim.c", HERE / "gridckpt_shim.h"]
+    sources = [HERE / source, HERE / "gridckpt_shim.h"]
     mtime = lib.stat().st_mtime
     return all(not s.exists() or s.stat().st_mtime <= mtime for s in sources)
 
@@ -44,6 +46,22 @@ def library_path() -> Path:
     cached = _cache_dir() / source_digest() / LIBRARY_NAME
     if not cached.exists():
         build_library(cached)
+    return cached
+
+
+def logctl_path() -> Path:
+    """Path of the compiled log-control library (built with the shim, found like it)."""
+    installed = HERE / LOGCTL_LIBRARY_NAME
+    if _is_current(installed, "logctl.c"):
+        return installed
+    if not (HERE / "logctl.c").exists():
+        if installed.exists():
+            return installed
+        raise BuildError(f"the gridckpt log-control library is not installed and its source is missing "
+                         f"({HERE / 'logctl.c'})")
+    cached = _cache_dir() / source_digest() / LOGCTL_LIBRARY_NAME
+    if not cached.exists():
+        build_library(cached.parent / LIBRARY_NAME)
     return cached
 
 

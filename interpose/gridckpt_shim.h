@@ -8,9 +8,19 @@
 /* ---- determinant log: det.<pid>.<start ns>.log, an array of 96-byte records ----
  * Record 0 is a header (kind GC_KIND_HEADER).  A record is complete when its first
  * 32-bit word equals GC_REC_MAGIC; it is written last, with release ordering, so a
- * reader that sees the magic sees the whole record.  Unused tail space is zeros. */
+ * reader that sees the magic sees the whole record.  Unused tail space is zeros.
+ *
+ * Version 2: a send/recv record is *open* after it is complete: `end` may grow (in place,
+ * atomically, by the process that wrote the record) while later transfers of the same
+ * connection direction continue its byte range contiguously, until the GC_END_CLOSED bit
+ * of `end` is set; then the record is final.  A reader that ships records while their
+ * writer runs must close them first (atomic fetch-or of GC_END_CLOSED on `end`, see
+ * logctl.c) and use the end value it got back.  Readers always mask GC_END_CLOSED off.
+ * mono_ns and tid are those of the record's first transfer.  Every other field is
+ * immutable once the magic is set.  Version 1 records (never grown) read the same way. */
 #define GC_REC_MAGIC 0x31544544u /* "DET1" little-endian */
-#define GC_REC_VERSION 1
+#define GC_REC_VERSION 2
+#define GC_END_CLOSED (1ull << 63) /* in `end`: the record is final (byte offsets never reach it) */
 #define GC_REC_SIZE 96
 #define GC_KIND_SEND 1
 #define GC_KIND_RECV 2
@@ -25,15 +35,15 @@ struct gc_record {
     uint32_t pid;       /* 8 */
     uint32_t gen;       /* 12: generation of the address pair (header: ppid) */
     uint64_t start;     /* 16: byte offset in this direction's stream (header: realtime ns) */
-    uint64_t end;       /* 24: exclusive */
+    uint64_t end;       /* 24: exclusive; may grow until GC_END_CLOSED is set (mask it off) */
     uint64_t interval;  /* 32: checkpoint interval from the control page */
-    uint64_t mono_ns;   /* 40: CLOCK_MONOTONIC (may be TSC-extrapolated: within ~0.1 us) */
+    uint64_t mono_ns;   /* 40: CLOCK_MONOTONIC of the first transfer (may be TSC-extrapolated: within ~0.1 us) */
     uint8_t src[16];    /* 48: sender's address (header: unit name, 32 bytes incl. dst) */
     uint8_t dst[16];    /* 64: receiver's address */
     uint16_t src_port;  /* 80 */
     uint16_t dst_port;  /* 82 */
-    uint32_t tid;       /* 84 */
-    uint64_t reserved;  /* 88 */
+    uint32_t tid;       /* 84: thread of the first transfer */
+    uint64_t conn_key;  /* 88: the writer's private key of the connection direction (readers ignore it) */
 };
 
 /* ---- control page: GRIDCKPT_SHIM_CONTROL, shared by every process of a unit ----

@@ -1,7 +1,10 @@
 """Decode the shim's per-process determinant logs (layout in gridckpt_shim.h).
 
 `read_records(path, offset)` returns only complete records and the offset to resume
-from, so a tailer can follow a log that is still being written.
+from.  A record's `end` may still grow while its writer runs (version 2: records are
+continued in place until closed), so a tailer of a live log must close records before it
+reads them: `interpose.logctl.read_final_records`.  Once the writers have exited,
+`read_records`/`read_directory` give final values.
 """
 from __future__ import annotations
 
@@ -13,6 +16,10 @@ from typing import Iterable, Iterator, NamedTuple
 
 REC_MAGIC = 0x31544544
 REC_SIZE = 96
+REC_VERSION = 2  # GC_REC_VERSION; version 1 logs (records never grown) read the same way
+REC_VERSIONS = (1, 2)
+END_CLOSED = 1 << 63  # GC_END_CLOSED: set in `end` once the record is final; masked off here
+_END_MASK = END_CLOSED - 1
 KIND_SEND = 1
 KIND_RECV = 2
 KIND_HEADER = 16
@@ -76,44 +83,54 @@ def decode(data: bytes, skip_holes: bool = False) -> tuple[list[Record], int, Lo
     append = records.append
     view = memoryview(data)[: count * REC_SIZE]
     hole_set = set(holes)
-    for i, (magic, _ver, kind, fam, _fl, pid, gen, start, end, interval, mono, src, dst, sport, dport, _tid,
-            _r) in enumerate(_FMT.iter_unpack(view)):
+    for i, (magic, ver, kind, fam, _fl, pid, gen, start, end, interval, mono, src, dst, sport, dport, _tid,
+            _key) in enumerate(_FMT.iter_unpack(view)):
         if magic != REC_MAGIC:
             if i in hole_set:
                 continue
             raise ValueError(f"corrupt determinant record at byte {i * REC_SIZE}")
+        if ver not in REC_VERSIONS:
+            raise ValueError(f"determinant record of unknown version {ver} at byte {i * REC_SIZE}")
         if kind == KIND_SEND or kind == KIND_RECV:
             key = (fam, src, sport, dst, dport, gen)
             name = names.get(key)
             if name is None:
                 name = names[key] = conn_id(*key)
-            append(Record(name, "send" if kind == KIND_SEND else "recv", start, end, interval, pid, mono))
+            append(Record(name, "send" if kind == KIND_SEND else "recv", start, end & _END_MASK, interval, pid,
+                          mono))
         elif kind == KIND_HEADER:
             unit = (src + dst).split(b"\x00", 1)[0].decode("utf-8", "replace")
             header = LogHeader(unit, pid, gen, start, mono)
     return records, count * REC_SIZE, header
 
 
-def read_records(path: os.PathLike | str, offset: int = 0, skip_holes: bool = False) -> tuple[list[Record], int]:
+def read_records(path: os.PathLike | str, offset: int = 0, skip_holes: bool = False,
+                 max_records: int | None = None) -> tuple[list[Record], int]:
     """Complete records of one log from byte `offset` on, and the offset to resume from.
 
     A record still being written (and everything after it) is left for the next call,
     unless `skip_holes` (use it only once the writing process has exited: a process
-    killed while writing one record leaves a zero hole).
+    killed while writing one record leaves a zero hole).  `max_records` bounds how many
+    records are read from `offset` on (the header counts as one).  The ends of records whose writer
+    still runs may grow later: see `interpose.logctl.read_final_records`.
     """
     if offset % REC_SIZE:
         raise ValueError(f"offset {offset} is not a multiple of the record size {REC_SIZE}")
     records: list[Record] = []
+    left = None if max_records is None else max_records * REC_SIZE
     with open(path, "rb") as f:
         f.seek(offset)
-        while True:
-            data = f.read(_READ_CHUNK)
+        while left is None or left > 0:
+            want = _READ_CHUNK if left is None else min(_READ_CHUNK, left)
+            data = f.read(want)
             if not data:
                 break
             recs, used, _ = decode(data, skip_holes)
             records.extend(recs)
             offset += used
-            if used < len(data) - len(data) % REC_SIZE or len(data) < _READ_CHUNK:
+            if left is not None:
+                left -= used
+            if used < len(data) - len(data) % REC_SIZE or len(data) < want:
                 break
             f.seek(offset)
     return records, offset

@@ -6,7 +6,9 @@
  *   GRIDCKPT_UNIT          unit name written in each log's header
  *   GRIDCKPT_SHIM_CONTROL  control page file shared by the unit (interval, connection table)
  *
- * Hot path: no malloc, no stdio, no locks, no extra syscalls, no errno traffic.  A record is
+ * Hot path: no malloc, no stdio, no locks, no extra syscalls, no errno traffic.  A transfer
+ * that continues this process's open record of the fd and direction contiguously grows that
+ * record's end with one compare-and-swap (see note(): "coalescing"); otherwise a record is
  * appended to a shared memory mapping of the process's log file: an atomic fetch-and-add
  * reserves the slot, the magic word is stored last with release ordering; its time comes
  * from the TSC when the kernel's clocksource is the TSC (see "record clock").  Slow paths (first record of
@@ -172,6 +174,7 @@ static struct {
     unsigned fdtab_size;
     int log_state;
     uint64_t *fdtab;              /* fd -> entry */
+    struct gc_record **open;      /* [2 * fd + dir] -> this process's open record of fd (or NULL) */
     struct gc_ctl_header *ctl;
     struct gc_ctl_slot *slots;
     uint32_t nslots;
@@ -185,6 +188,7 @@ static struct {
 #define g_enabled g_hot.enabled
 #define g_fdtab g_hot.fdtab
 #define g_fdtab_size g_hot.fdtab_size
+#define g_open g_hot.open
 #define g_ctl g_hot.ctl
 #define g_slots g_hot.slots
 #define g_nslots g_hot.nslots
@@ -459,11 +463,15 @@ static void do_init(void) {
         if (size < 1024)
             size = 1024;
     }
-    void *t = mmap(NULL, (size_t)size * sizeof(uint64_t), PROT_READ | PROT_WRITE,
+    /* The fd table and, after it on a page boundary (the fork child drops it with madvise),
+     * the open-record table: two pointers per fd.  Pages are only backed once touched. */
+    size_t fdtab_bytes = ((size_t)size * sizeof(uint64_t) + 65535) & ~(size_t)65535;
+    void *t = mmap(NULL, fdtab_bytes + (size_t)size * 2 * sizeof(struct gc_record *), PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (t == MAP_FAILED)
         return;
     g_fdtab = (uint64_t *)t;
+    g_open = (struct gc_record **)((char *)t + fdtab_bytes);
     g_fdtab_size = size;
     g_pid = (uint32_t)syscall(SYS_getpid);
     g_enabled = 1;
@@ -644,6 +652,13 @@ static void after_fork_child(void) {
      * its parent's log: drop the inherited mappings and fd, open its own log lazily. */
     g_pid = (uint32_t)syscall(SYS_getpid);
     t_tid = 0;
+    /* The open records are in the parent's log: the child starts with none.  (Private
+     * anonymous pages: MADV_DONTNEED makes them read as zeros again.) */
+    if (g_open) {
+        size_t bytes = (size_t)g_fdtab_size * 2 * sizeof(struct gc_record *);
+        if (madvise(g_open, bytes, MADV_DONTNEED) != 0)
+            memset(g_open, 0, bytes);
+    }
     if (g_clk.seq & 1) /* a thread of the parent was calibrating */
         g_clk.seq++;
     for (unsigned i = 0; i < MAX_SEGS; i++) { /* no early exit: a fork can leave gaps */
@@ -813,10 +828,20 @@ static inline uint64_t fdtab_get(int fd) {
     return (unsigned)fd < g_fdtab_size ? __atomic_load_n(&g_fdtab[fd], __ATOMIC_RELAXED) : K_UNKNOWN;
 }
 
+/* Every change of an fd's entry (close, dup target, new socket or file, classification)
+ * also forgets its open records: a record is only continued by the fd it was made for. */
 static inline void fdtab_put(int fd, uint64_t e) {
-    if ((unsigned)fd < g_fdtab_size)
+    if ((unsigned)fd < g_fdtab_size) {
         __atomic_store_n(&g_fdtab[fd], e, __ATOMIC_RELAXED);
+        __atomic_store_n(&g_open[2 * (unsigned)fd], NULL, __ATOMIC_RELAXED);
+        __atomic_store_n(&g_open[2 * (unsigned)fd + 1], NULL, __ATOMIC_RELAXED);
+    }
 }
+
+/* The key of one direction of the connection an fd entry names (slot, gen, kind): stored in
+ * each record, so a record is only ever continued for the same connection direction. */
+#define REC_KEY(e, kind) (((e) & ~(uint64_t)0xff) | (uint64_t)(kind))
+#define OPEN_INDEX(fd, kind) (2 * (unsigned)(fd) + ((kind) == GC_KIND_RECV))
 
 /* Fill the reserved record `r` and publish it (magic last, release). */
 static inline __attribute__((always_inline)) void write_record(struct gc_record *r, const struct gc_ctl_slot *s,
@@ -844,7 +869,7 @@ static inline __attribute__((always_inline)) void write_record(struct gc_record 
         r->dst_port = s->local_port;
     }
     r->tid = tid;
-    r->reserved = 0;
+    r->conn_key = REC_KEY(e, kind);
     __atomic_store_n(&r->magic, GC_REC_MAGIC, __ATOMIC_RELEASE);
     /* Bring the next record's cache lines in for writing now, while the program runs,
      * rather than stalling on the miss at the next record. */
@@ -908,6 +933,8 @@ static __attribute__((noinline, cold)) void note_slow(int fd, int kind, uint64_t
         if (UNLIKELY(!t_tid))
             t_tid = (uint32_t)syscall(SYS_gettid);
         write_record(r, s, kind, e, start, n, t_tid);
+        if ((unsigned)fd < g_fdtab_size) /* published once complete: see note() */
+            __atomic_store_n(&g_open[OPEN_INDEX(fd, kind)], r, __ATOMIC_RELEASE);
     }
 out:
     t_guard = 0;
@@ -918,7 +945,15 @@ out:
  * records only if n > 0.  The common case (a known TCP fd, log open, segment mapped, thread
  * id known) makes no call at all and never touches errno; it needs no re-entry guard
  * beyond the check (a signal handler's record reserves its own offsets and slot).  A
- * non-socket fd costs one table load. */
+ * non-socket fd costs one table load.
+ *
+ * Coalescing: when this process's last record for fd and direction (g_open) belongs to the
+ * same connection direction and interval, and ends exactly where this transfer's bytes
+ * start, one compare-and-swap moves its end: no new record, no clock read.  The CAS fails
+ * when the range is not contiguous (another thread, process or fd took bytes in between)
+ * or when a reader closed the record (GC_END_CLOSED set in end): then a new record is
+ * appended and becomes the open one.  That makes it safe with threads, signal handlers,
+ * dup'ed fds and processes sharing the socket, without a lock. */
 static inline void note(int fd, int kind, ssize_t n) {
     if (n <= 0)
         return;
@@ -940,6 +975,15 @@ static inline void note(int fd, int kind, ssize_t n) {
     struct gc_ctl_slot *s = &g_slots[E_SLOT(e)];
     uint64_t start = __atomic_fetch_add(kind == GC_KIND_SEND ? &s->send_off : &s->recv_off, (uint64_t)n,
                                         __ATOMIC_RELAXED);
+    struct gc_record **op = &g_open[OPEN_INDEX(fd, kind)];
+    struct gc_record *o = __atomic_load_n(op, __ATOMIC_ACQUIRE); /* complete: see below */
+    if (LIKELY(o != NULL) && LIKELY(o->conn_key == REC_KEY(e, kind)) &&
+        LIKELY(o->interval == __atomic_load_n(&g_ctl->interval, __ATOMIC_RELAXED))) {
+        uint64_t expected = start;
+        if (LIKELY(__atomic_compare_exchange_n(&o->end, &expected, start + (uint64_t)n, 0, __ATOMIC_RELAXED,
+                                               __ATOMIC_RELAXED)))
+            return;
+    }
     uint64_t idx = reserve_record();
     uint64_t seg = idx / SEG_RECORDS;
     char *base = LIKELY(seg < MAX_SEGS) ? __atomic_load_n(&g_segs[seg], __ATOMIC_ACQUIRE) : NULL;
@@ -948,8 +992,11 @@ static inline void note(int fd, int kind, ssize_t n) {
         note_slow(fd, kind, (uint64_t)n, e, idx, start);
         return;
     }
-    write_record((struct gc_record *)(base + (idx % SEG_RECORDS) * GC_REC_SIZE), s, kind, e, start,
-                 (uint64_t)n, tid);
+    struct gc_record *r = (struct gc_record *)(base + (idx % SEG_RECORDS) * GC_REC_SIZE);
+    write_record(r, s, kind, e, start, (uint64_t)n, tid);
+    /* Only a complete record becomes the open one: another thread or a signal handler that
+     * finds it in g_open sees all of its fields (release here, acquire above). */
+    __atomic_store_n(op, r, __ATOMIC_RELEASE);
 }
 
 /* Track a new fd from accept/connect; or mark a fresh fd of another kind. */

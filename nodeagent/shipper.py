@@ -6,6 +6,12 @@ record stays pending until its batch is confirmed: the confirmed offset of every
 persisted in ``<shim dir>/shipped.json`` only after the confirm, so an agent restart re-sends
 what was not confirmed and the orchestrator (which keeps per-source watermarks) drops what it
 already has.  Nothing is lost or duplicated.
+
+The shim continues its last record of a connection direction in place while the bytes stay
+contiguous (gridckpt_shim.h, version 2), so a record is closed (made final, atomically, with
+``interpose.logctl``) right before it is read for shipping: what goes out is its final end,
+and the writer starts a new record for its next bytes.  Records still go out exactly once,
+in index order.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from typing import Any
 
 import msgpack
 
-from interpose.reader import REC_SIZE, log_files, read_records
+from interpose import BuildError
+from interpose.logctl import read_final_records
+from interpose.reader import REC_SIZE, log_files
 from orchestrator import protocol
 from orchestrator.bus.base import Bus, BusError
 from orchestrator.logs import event
@@ -85,17 +93,25 @@ class Shipper:
     def rolled_back(self, job: str, unit: str) -> None:
         """The unit was restored (still stopped): its logs hold what they held at the checkpoint
         (CRIU puts the shim's mapped logs back), so shipping resumes at the end of each log's
-        valid records, under a new epoch so the orchestrator takes the new records as new."""
+        valid records, under a new epoch so the orchestrator takes the new records as new.
+        Every valid record is closed first: the restored processes must not grow a record
+        that lies before the resume point (it may have been shipped already)."""
         tail = self._tails.get((job, unit))
         if tail is not None:
             tail.epoch += 1
             tail.sent.clear()
-            for name in list(tail.offsets):
+            names = {p.name for p in log_files(tail.directory)} if tail.directory.exists() else set()
+            for name in sorted(names | set(tail.offsets)):
                 try:
-                    _, valid = read_records(tail.directory / name, 0)
-                except (OSError, ValueError):
+                    _, valid = read_final_records(tail.directory / name, 0)
+                except FileNotFoundError:
                     valid = 0
-                tail.offsets[name] = min(tail.offsets[name], valid)
+                except (OSError, ValueError, BuildError, RuntimeError) as exc:
+                    event(log, "cannot close the records of a restored log", logging.WARNING,
+                          path=str(tail.directory / name), error=str(exc))
+                    valid = 0
+                if name in tail.offsets:
+                    tail.offsets[name] = min(tail.offsets[name], valid)
             tail.save()
 
     def start(self) -> None:
@@ -172,12 +188,13 @@ class Shipper:
 
     @staticmethod
     def _read(path: Path, offset: int) -> tuple[list[Any], int]:
-        """Complete records from ``offset``; record indices count from the start of the file."""
+        """Complete records from ``offset``, closed (final) before they are read; record
+        indices count from the start of the file."""
         try:
-            return read_records(path, offset)
+            return read_final_records(path, offset)
         except FileNotFoundError:
             return [], offset
-        except ValueError as exc:
+        except (OSError, ValueError, BuildError, RuntimeError) as exc:
             event(log, "unreadable determinant log", logging.WARNING, path=str(path), error=str(exc))
             return [], offset
 
