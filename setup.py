@@ -3,7 +3,8 @@
 The shim is a plain shared library (not a Python extension): a placeholder Extension
 makes setuptools run build_ext (in place for editable installs) and mark the wheel as
 platform-specific; the command below compiles it with interpose/build.py's flags into
-interpose/libgridckpt_interpose.so.  Metadata stays in pyproject.toml.
+interpose/libgridckpt_interpose.so, and the agent's log-control library (logctl.c) beside it
+into interpose/libgridckpt_logctl.so.  Metadata stays in pyproject.toml.
 """
 import importlib.util
 from pathlib import Path
@@ -22,7 +23,7 @@ def _load_builder():
 
 
 class BuildShim(build_ext):
-    """Compile interpose/shim.c into interpose/libgridckpt_interpose.so."""
+    """Compile interpose/shim.c into interpose/libgridckpt_interpose.so (and logctl.c beside it)."""
 
     def get_ext_filename(self, fullname: str) -> str:
         return str(Path(*fullname.split("."))) + ".so"
