@@ -148,37 +148,6 @@ def test_pingpong_coalesces(tmp_path, progs):
     assert all(n <= 8 for n in per_pid.values()), dict(per_pid)  # vs 2 * total without coalescing
 
 
-def test_interval_bump_starts_a_new_record(tmp_path):
-    """test_records_carry_the_interval_the_agent_sets, with coalescing: the sends of an
-    interval are continued in place, a bump starts a new record."""
-    import subprocess
-    prog = ("import socket, sys\n"
-            "ls = socket.create_server(('127.0.0.1', 0))\n"
-            "a = socket.create_connection(ls.getsockname()); b, _ = ls.accept()\n"
-            "for step in range(3):\n"
-            "    for i in range(5):\n"
-            "        a.sendall(b'x' * 10); b.recv(100)\n"
-            "    print('sent', flush=True)\n"
-            "    sys.stdin.readline()\n")
-    unit = Unit("u", tmp_path)
-    page = ControlPage(unit.control)
-    p = subprocess.Popen([sys.executable, "-c", prog], env=unit.env(), stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
-    try:
-        for _ in range(3):
-            assert p.stdout.readline() == "sent\n"
-            page.bump()
-            p.stdin.write("\n")
-            p.stdin.flush()
-        assert p.wait(timeout=20) == 0
-    finally:
-        if p.poll() is None:
-            p.kill()
-        page.close()
-    sends = sorted((r.interval, r.start, r.end) for r in read_directory(unit.dir) if r.direction == "send")
-    assert sends == [(0, 0, 50), (1, 50, 100), (2, 100, 150)]
-
-
 # ------------------------------------------------------------------ a closer racing the writers
 
 def run_racer_with_closers(tmp_path, racer, opts, preload=None, bump_every=0.002):

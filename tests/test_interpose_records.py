@@ -3,7 +3,6 @@ stamping, exchange export, build flags."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -87,13 +86,16 @@ INTERVAL_PROG = textwrap.dedent("""
     ls = socket.create_server(("127.0.0.1", 0))
     a = socket.create_connection(ls.getsockname()); b, _ = ls.accept()
     for step in range(3):
-        a.sendall(b"x" * (100 + step)); b.recv(1000)
+        for _ in range(5):
+            a.sendall(b"x" * (20 + step)); b.recv(1000)
         print("sent", flush=True)
         sys.stdin.readline()
 """)
 
 
 def test_records_carry_the_interval_the_agent_sets(tmp_path):
+    """The sends of an interval continue one record in place (coalescing); the agent's bump
+    of the interval starts a new one."""
     ctl = tmp_path / "ctl"
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -112,7 +114,7 @@ def test_records_carry_the_interval_the_agent_sets(tmp_path):
             p.kill()
         page.close()
     sends = sorted((r.interval, r.start, r.end) for r in read_directory(logs) if r.direction == "send")
-    assert sends == [(0, 0, 100), (1, 100, 201), (2, 201, 303)]
+    assert sends == [(0, 0, 100), (1, 100, 205), (2, 205, 315)]
 
 
 def test_tailing_a_live_log(tmp_path):
@@ -182,9 +184,9 @@ def test_trace_command(tmp_path):
     assert {l["kind"] for l in body} == {"send", "recv"}
     assert all(l["unit"] == "demo" and l["interval"] == 0 for l in body)
     sends = [l for l in body if l["kind"] == "send"]
-    assert len(sends) == 1 and (sends[0]["start"], sends[0]["end"]) == (0, 303)  # merged
+    assert len(sends) == 1 and (sends[0]["start"], sends[0]["end"]) == (0, 315)  # merged
     recvs = [l for l in body if l["kind"] == "recv"]
-    assert [(l["conn"], l["start"], l["end"]) for l in recvs] == [(sends[0]["conn"], 0, 303)]
+    assert [(l["conn"], l["start"], l["end"]) for l in recvs] == [(sends[0]["conn"], 0, 315)]
 
 
 def test_trace_exit_status_and_usage(tmp_path, capsys):

@@ -125,7 +125,6 @@ def read_echo(sock: socket.socket, start: int, end: int) -> int:
 
 
 def client_one(args) -> None:
-    fam = socket.AF_INET6 if args.family == 6 else socket.AF_INET
     host = "::1" if args.family == 6 else "127.0.0.1"
     sock = socket.create_connection((host, args.port), timeout=20)
     sock.settimeout(None)

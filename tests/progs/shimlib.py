@@ -3,7 +3,6 @@ and compare what the programs counted with what the shim recorded."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections import defaultdict
