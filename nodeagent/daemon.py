@@ -31,11 +31,33 @@ from orchestrator.store import Store, sync_store, write_json_atomic
 from .checkpointers.base import CheckpointError
 from .checkpointers.registry import capabilities
 from .shipper import Shipper, ensure_shim_dir
-from .freezer import sweep_empty_cgroups
+from .freezer import Freezer, alive_pids, sweep_empty_cgroups
 from .stages import UnitStageRunner
 from .units import Unit, become_subreaper
 
 log = logging.getLogger("gridckpt.agent")
+
+
+def _cgroup_root(job: Any, unit: Any) -> int | None:
+    """The root of the tree in the unit's cgroup: the live member whose parent is not one."""
+    if not isinstance(job, str) or not isinstance(unit, str):
+        return None
+    members = set(alive_pids(Freezer(job, unit, list).cgroup_pids()))
+    roots = []
+    for pid in members:
+        try:
+            if psutil.Process(pid).ppid() not in members:
+                roots.append(pid)
+        except psutil.Error:
+            continue
+    return min(roots) if roots else None
+
+
+def _create_time(pid: int) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
 
 
 def _zombie_status(pid: int) -> str:
@@ -71,6 +93,7 @@ class NodeAgent:
         self._saved: dict[tuple[str, str], tuple] = {}   # what the unit list file holds of each unit
         self._save_task: asyncio.Task | None = None
         self._save_dirty = False
+        self._save_asked = self._save_done = 0   # unit list writes asked for, and written
         self._events: asyncio.Queue = asyncio.Queue()
         self._event_task: asyncio.Task | None = None
 
@@ -89,22 +112,29 @@ class NodeAgent:
         Not fsync'ed: the file matters only while this node's processes live (a crash of the
         node takes the units with it), and an agent killed after the write loses nothing."""
         self._save_dirty = True
+        self._save_asked += 1
         if self._save_task is None or self._save_task.done():
             self._save_task = asyncio.create_task(self._save_loop())
 
     async def _save_loop(self) -> None:
         while self._save_dirty:
             self._save_dirty = False
+            asked = self._save_asked
             await asyncio.to_thread(self._save_units, self._unit_rows(), False)
+            self._save_done = asked
 
-    async def _unit_list_written(self) -> None:
-        """Wait until the unit list on disk holds every change made so far."""
-        while self._save_task is not None and not self._save_task.done():
+    async def _unit_list_written(self, upto: int) -> None:
+        """Wait until the unit list on disk holds the changes asked for up to ``upto``
+        (a ``_save_asked`` value)."""
+        while self._save_done < upto and self._save_task is not None and not self._save_task.done():
             await asyncio.shield(self._save_task)
 
     def _unit_rows(self) -> list[dict[str, Any]]:
+        """Units whose tree lives (or is being restored: no pid yet; a later agent finds the
+        tree in the unit's cgroup)."""
         return [{"job": u.job, "unit": u.name, "spec": u.spec, "pid": u.root_pid, "started": u.started}
-                for u in self.units.values() if not u.ended and u.root_pid]
+                for u in self.units.values()
+                if not u.ended and (u.root_pid or u.state in ("pending", "restarting"))]
 
     def _save_units(self, rows: list[dict[str, Any]] | None = None, durable: bool = True) -> None:
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +152,15 @@ class NodeAgent:
         for row in rows:
             pid, started = row.get("pid"), row.get("started") or 0.0
             why = ""
+            if not isinstance(pid, int) or not alive_pids([pid]):
+                # listed while its tree was being restored (no pid yet, or the old tree's):
+                # the restored tree is in the unit's cgroup
+                found = _cgroup_root(row.get("job"), row.get("unit"))
+                if found is not None:
+                    pid, started = found, _create_time(found)
+                elif not isinstance(pid, int):
+                    event(log, "unit not adopted: no process left", job=row.get("job"), unit=row.get("unit"))
+                    continue
             try:
                 proc = psutil.Process(pid)
                 if proc.status() == psutil.STATUS_ZOMBIE:
@@ -420,6 +459,10 @@ class NodeAgent:
                     if "spec" not in args:
                         raise CheckpointError("rebuild without a unit spec")
                     unit = await self._new_unit(job, name, args["spec"])
+                # the unit is listed as being restored (no pid yet) while its tree comes back:
+                # that write runs beside the restore, and is what the answer waits for
+                self._save_soon()
+                listed = self._save_asked
             if unit is None:
                 if stage == protocol.ABORT_STAGE:
                     res: dict[str, Any] = {"ms": 0.0, "data": {"note": "unit not here"}}
@@ -447,8 +490,8 @@ class NodeAgent:
                 elif stage == "rebuild":
                     self.shipper.rolled_back(job, name)
                     self._set_interval(unit, int(args.get("interval", args.get("seq", 0))))
-            if stage == "rebuild":
-                await self._unit_list_written()   # an agent killed from now on still adopts the rebuilt tree
+            if stage == "rebuild":   # an agent killed from now on still adopts the rebuilt tree
+                await self._unit_list_written(listed)
             ok, error = True, ""
         except CheckpointError as exc:
             res, ok, error = {"ms": (time.perf_counter() - t0) * 1000, "data": {}}, False, str(exc)
