@@ -20,7 +20,7 @@ from nodeagent.units import become_subreaper
 from orchestrator.bus import open_bus
 from orchestrator.store import Store
 
-pytestmark = pytest.mark.skipif(freezer_kind()[0] != "v1", reason="needs the cgroup v1 freezer (as on the CI machines)")
+pytestmark = pytest.mark.skipif(freezer_kind()[0] == "signal", reason="no cgroup freezer here: units have no cgroup to be found in")
 
 
 async def _agent(url: str, store: Store) -> NodeAgent:
