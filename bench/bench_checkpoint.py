@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Coordinated checkpoint and restart cost, against raw CRIU measured in the same run.
 
-    python bench/bench_checkpoint.py [--broker amqp://guest:guest@localhost/] [--runs 10]
+    python bench/bench_checkpoint.py [--broker amqp://guest:guest@localhost/] [--runs 15] [--rounds 3]
                                      [--units 1,4,16,64] [--skip-scaling]
 
 Table 1: one single-process C program with 5 MiB of touched memory (examples/counter.c),
 (a) raw ``criu dump`` / ``criu restore`` on the command line, (b) a gridckpt coordinated
 checkpoint and restart with the orchestrator (in this process) and the agent (its own
 ``gridckpt agent`` daemon, as deployed) talking over amqp://, (c) the same over memory://
-(both in this process); medians of ``--runs`` runs, per stage, like the 2009 table (590 ms to
+(both in this process); medians of ``--runs`` runs, taken in ``--rounds`` rounds that each measure
+every column (so a drift of the machine's speed weighs on all alike), per stage, like the 2009 table (590 ms to
 checkpoint, 1,665 ms to restart).  ``total`` is the time until every unit runs again (what a
 raw ``criu dump`` gives: images written, not yet hashed nor synced); ``committed`` the time
 until the checkpoint is sealed (sha256 manifests, one syncfs) and listed.  Table 2: the coordinated checkpoint of 1, 4, 16 and 64
@@ -174,15 +175,30 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _extend(into: dict[str, list[float]], more: dict[str, list[float]]) -> None:
+    for key, values in more.items():
+        into.setdefault(key, []).extend(values)
+
+
 async def main_async(args: argparse.Namespace) -> int:
-    both = await compare(args.runs, 5)  # raw criu and the backend alone, interleaved
-    raw, backend = both["raw criu"], both["backend"]
+    raw: dict[str, list[float]] = {}
+    backend: dict[str, list[float]] = {}
+    amqp: dict[str, list[float]] = {}
+    mem: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
         work = Path(tmp)
         binary = work / "counter"
         subprocess.run(["gcc", "-O2", "-o", str(binary), str(REPO / "examples" / "counter.c")], check=True)
-        amqp = await gridckpt_runs(args.broker, binary, work, args.runs)
-        mem = await gridckpt_runs("memory://bench", binary, work, args.runs)
+        # In rounds, each measuring every column: a machine whose speed drifts during the run
+        # (a shared VM host) then weighs on the baseline and on gridckpt alike.
+        for r in range(args.rounds):
+            n = args.runs // args.rounds + (1 if r < args.runs % args.rounds else 0)
+            (work / f"r{r}").mkdir()
+            both = await compare(n, 5)  # raw criu and the backend alone, interleaved
+            _extend(raw, both["raw criu"])
+            _extend(backend, both["backend"])
+            _extend(amqp, await gridckpt_runs(args.broker, binary, work / f"r{r}", n))
+            _extend(mem, await gridckpt_runs("memory://bench", binary, work / f"r{r}", n))
         rdump, rrest = med(raw["dump"]), med(raw["restore"])
         alone = {"checkpoint checkpoint": backend["checkpoint"], "restart rebuild": backend["rebuild"],
                  "restart resume_rst": backend["resume_rst"]}
@@ -198,7 +214,7 @@ async def main_async(args: argparse.Namespace) -> int:
             rows.append([key, rawcol, f"{med(alone[key]):.1f}" if key in alone else "-", f"{med(amqp[key]):.1f}",
                          f"{med(mem[key]):.1f}", ratio, mratio])
         cache = "with" if KDAT.exists() else "without"
-        print(f"\nTable 1: checkpoint and restart, {args.runs} runs each, {cache} CRIU's kdat cache "
+        print(f"\nTable 1: checkpoint and restart, {args.runs} runs each in {args.rounds} rounds, {cache} CRIU's kdat cache "
               "(2009: 590 ms / 1,665 ms)")
         print(table(rows))
         if not args.skip_scaling:
@@ -236,12 +252,16 @@ def install_kdat_cache() -> bool:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--broker", default=None, help="amqp URL (default: the local broker's gridckpt-bench vhost)")
-    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="split the runs into this many rounds, each measuring raw CRIU, amqp:// and memory://")
     ap.add_argument("--units", default="1,4,16,64")
     ap.add_argument("--skip-scaling", action="store_true")
     ap.add_argument("--kdat-cache", action="store_true",
                     help="run with CRIU's kernel-feature cache in /run, as a systemd host has it")
     args = ap.parse_args()
+    if not 1 <= args.rounds <= args.runs:
+        ap.error("--rounds must be between 1 and --runs")
     args.broker = bench_broker(args.broker)
     made = install_kdat_cache() if args.kdat_cache else False
     try:
