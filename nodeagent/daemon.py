@@ -357,11 +357,14 @@ class NodeAgent:
             await self._launch(msg["job"], msg["unit"], msg["spec"])
         elif t == "kill":
             unit = self.units.get((msg["job"], msg["unit"]))
+            treeless = unit is None or unit.ended or unit.root_pid is None
             if unit is not None:
-                await unit.kill()
-            else:
+                await unit.kill()   # (a unit with no tree: leftovers in its cgroup, if any)
+            if treeless:   # no tree to end, so no exit to report: say it is over, or the caller waits
+                state = unit.state if unit is not None and unit.state in ("failed", "exited") else "exited"
+                detail = (unit.detail if unit is not None and unit.detail else "not running here")
                 await self._emit(protocol.event_key(self.site, self.node), "unit_event", node=self.node,
-                                 job=msg["job"], unit=msg["unit"], state="exited", detail="not running here")
+                                 job=msg["job"], unit=msg["unit"], state=state, detail=str(detail))
         else:
             await self._stage(msg)
 

@@ -6,6 +6,8 @@ both are covered by tests/test_coordinated.py."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -150,3 +152,28 @@ async def test_an_abort_stops_the_agents_chain(tmp_path: Path) -> None:
             unit = agent.units[(job, name)]
             assert unit.state == "running" and not unit.ended
         assert await asyncio.to_thread(cell.store.list_checkpoints, job) == []
+
+
+async def test_a_failing_rebuild_ends_the_restart_chain(tmp_path: Path) -> None:
+    """A restart of a job whose units are all gone, on one agent: the orchestrator checks sizes,
+    the agent the sha256 of what changed since sealing.  u1's state file was rewritten: its
+    rebuild fails naming the file, resume_rst runs on no unit, and the restart fails."""
+    async with Cell(tmp_path) as cell:
+        job = await cell.submit(["n1", "n1"])
+        ck = await cell.orch.control("checkpoint", {"job": job})
+        seq = {u["name"]: u["seq"] for u in ck["units"]}
+        agent = cell.agents["n1"]
+        for name in ("u0", "u1"):
+            os.kill(agent.units[(job, name)].root_pid, signal.SIGKILL)
+        await cell.until(lambda: all(u.state == "failed" for u in cell.orch.jobs[job].units.values()))
+        victim = next(p for p in cell.store.images_dir(job, "u1", seq["u1"]).iterdir()
+                      if p.is_file() and p.name != "manifest.json")
+        data = victim.read_bytes()
+        victim.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])   # same size, one byte flipped
+        cell.sent.clear()
+        with pytest.raises(ControlError, match=f"restart of {job} failed: .*{victim.name}"):
+            await cell.orch.control("restart", {"job": job, "checkpoint": ck["checkpoint"]})
+        assert cell.chains() == [("rebuild", ["resume_rst"])]
+        for name in ("u0", "u1"):
+            unit = agent.units.get((job, name))
+            assert unit is None or unit.ended or unit.state != "running", f"{name} was resumed"
