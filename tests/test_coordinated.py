@@ -205,9 +205,11 @@ callbacks = {{ pre_checkpoint = ["sleep", "2"] }}
     _wait_step(cluster, job, "a", _step(cluster, job, "a"))  # a was thawed
 
 
-def test_orchestrator_killed_mid_checkpoint_and_restarted(cluster: Cluster, tmp_path: Path) -> None:
-    _start(cluster)
-    job = cluster.submit(_three_units(tmp_path, a_extra='callbacks = { pre_checkpoint = ["sleep", "1.5"] }'))
+@pytest.mark.parametrize("nodes", ["n1 n2 n2", "n1 n1 n1"], ids=["two-agents", "one-agent-keeps-the-barrier"])
+def test_orchestrator_killed_mid_checkpoint_and_restarted(cluster: Cluster, tmp_path: Path, nodes: str) -> None:
+    _start(cluster, tuple(sorted(set(nodes.split()))))
+    job = cluster.submit(_three_units(tmp_path, a_extra='callbacks = { pre_checkpoint = ["sleep", "1.5"] }',
+                                      nodes=nodes))
     cluster.wait_status(job, _running)
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "checkpoint", job, "--timeout", "4"],
                             env=cluster.env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
