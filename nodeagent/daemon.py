@@ -120,7 +120,10 @@ class NodeAgent:
         while self._save_dirty:
             self._save_dirty = False
             asked = self._save_asked
-            await asyncio.to_thread(self._save_units, self._unit_rows(), False)
+            try:
+                await asyncio.to_thread(self._save_units, self._unit_rows(), False)
+            except OSError as exc:   # units run on; only a later agent's adoption would miss them
+                event(log, "unit list not written", logging.WARNING, path=str(self.state_file), error=str(exc))
             self._save_done = asked
 
     async def _unit_list_written(self, upto: int) -> None:
