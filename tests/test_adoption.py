@@ -20,7 +20,6 @@ from nodeagent.units import become_subreaper
 from orchestrator.bus import open_bus
 from orchestrator.store import Store
 
-pytestmark = pytest.mark.skipif(freezer_kind()[0] == "signal", reason="no cgroup freezer here: units have no cgroup to be found in")
 
 
 async def _agent(url: str, store: Store) -> NodeAgent:
@@ -38,6 +37,10 @@ async def _stop(agent: NodeAgent, kill_units: bool) -> None:
 
 @pytest.mark.parametrize("listed_pid", ["none", "the old tree's"])
 async def test_unit_listed_while_restoring_is_found_in_its_cgroup(tmp_path: Path, listed_pid: str) -> None:
+    if freezer_kind()[0] == "signal":   # the CI machines have cgroups: there this must run
+        if os.environ.get("CI"):
+            pytest.fail("no cgroup freezer on this CI machine")
+        pytest.skip("no cgroup freezer here: units have no cgroup to be found in")
     store = Store(tmp_path / "store")
     url = f"memory://adopt-{time.monotonic_ns()}"
     first = await _agent(url, store)
