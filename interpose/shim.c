@@ -168,13 +168,21 @@ enum { LOG_CLOSED = 0, LOG_OPENING = 1, LOG_OPEN = 2, LOG_FAILED = 3 };
 
 /* The globals every hooked call reads share one cache line; the record counter, written
  * for every record, has a line of its own (no false sharing with the read-mostly ones). */
+/* One fd's state, in one half cache line: every hooked transfer on a socket reads its
+ * kind and open record together (one page, one line: a context switch between two
+ * processes leaves few TLB entries warm, and each page the fast path touches costs a walk). */
+struct fd_entry {
+    uint64_t e;                   /* kind | slot | gen: see E_MAKE */
+    struct gc_record *open[2];    /* [dir] this process's open record of fd (or NULL) */
+    uint64_t pad;
+};
+
 static struct {
     int init_state;               /* 0 none, 1 running, 2 done */
     int enabled;                  /* GRIDCKPT_SHIM_DIR set and usable */
     unsigned fdtab_size;
     int log_state;
-    uint64_t *fdtab;              /* fd -> entry */
-    struct gc_record **open;      /* [2 * fd + dir] -> this process's open record of fd (or NULL) */
+    struct fd_entry *fdtab;       /* fd -> entry and open records */
     struct gc_ctl_header *ctl;
     struct gc_ctl_slot *slots;
     uint32_t nslots;
@@ -188,7 +196,6 @@ static struct {
 #define g_enabled g_hot.enabled
 #define g_fdtab g_hot.fdtab
 #define g_fdtab_size g_hot.fdtab_size
-#define g_open g_hot.open
 #define g_ctl g_hot.ctl
 #define g_slots g_hot.slots
 #define g_nslots g_hot.nslots
@@ -198,6 +205,7 @@ static struct {
 #define g_next g_tail.next
 static char *g_segs[MAX_SEGS] __attribute__((aligned(64)));
 static int g_grow_lock;
+static unsigned g_fd_hwm; /* fds below it may have a table entry */
 static uint64_t g_file_size;
 static uint64_t g_local_lost;
 
@@ -463,15 +471,12 @@ static void do_init(void) {
         if (size < 1024)
             size = 1024;
     }
-    /* The fd table and, after it on a page boundary (the fork child drops it with madvise),
-     * the open-record table: two pointers per fd.  Pages are only backed once touched. */
-    size_t fdtab_bytes = ((size_t)size * sizeof(uint64_t) + 65535) & ~(size_t)65535;
-    void *t = mmap(NULL, fdtab_bytes + (size_t)size * 2 * sizeof(struct gc_record *), PROT_READ | PROT_WRITE,
+    /* The fd table: pages are only backed once touched. */
+    void *t = mmap(NULL, (size_t)size * sizeof(struct fd_entry), PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (t == MAP_FAILED)
         return;
-    g_fdtab = (uint64_t *)t;
-    g_open = (struct gc_record **)((char *)t + fdtab_bytes);
+    g_fdtab = (struct fd_entry *)t;
     g_fdtab_size = size;
     g_pid = (uint32_t)syscall(SYS_getpid);
     g_enabled = 1;
@@ -652,13 +657,10 @@ static void after_fork_child(void) {
      * its parent's log: drop the inherited mappings and fd, open its own log lazily. */
     g_pid = (uint32_t)syscall(SYS_getpid);
     t_tid = 0;
-    /* The open records are in the parent's log: the child starts with none.  (Private
-     * anonymous pages: MADV_DONTNEED makes them read as zeros again.) */
-    if (g_open) {
-        size_t bytes = (size_t)g_fdtab_size * 2 * sizeof(struct gc_record *);
-        if (madvise(g_open, bytes, MADV_DONTNEED) != 0)
-            memset(g_open, 0, bytes);
-    }
+    /* The open records are in the parent's log: the child starts with none.  Entries at or
+     * above the high-water mark were never set. */
+    for (unsigned fd = 0; g_fdtab && fd < g_fd_hwm; fd++)
+        g_fdtab[fd].open[0] = g_fdtab[fd].open[1] = NULL;
     if (g_clk.seq & 1) /* a thread of the parent was calibrating */
         g_clk.seq++;
     for (unsigned i = 0; i < MAX_SEGS; i++) { /* no early exit: a fork can leave gaps */
@@ -825,23 +827,33 @@ static uint64_t resolve(int fd, int is_new, int check_type) {
 }
 
 static inline uint64_t fdtab_get(int fd) {
-    return (unsigned)fd < g_fdtab_size ? __atomic_load_n(&g_fdtab[fd], __ATOMIC_RELAXED) : K_UNKNOWN;
+    return (unsigned)fd < g_fdtab_size ? __atomic_load_n(&g_fdtab[fd].e, __ATOMIC_RELAXED) : K_UNKNOWN;
+}
+
+/* Raise the fd high-water mark to at least `hwm` (threads may race: keep the largest). */
+static void bump_fd_hwm(unsigned hwm) {
+    unsigned cur = __atomic_load_n(&g_fd_hwm, __ATOMIC_RELAXED);
+    while (cur < hwm && !__atomic_compare_exchange_n(&g_fd_hwm, &cur, hwm, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        ;
 }
 
 /* Every change of an fd's entry (close, dup target, new socket or file, classification)
  * also forgets its open records: a record is only continued by the fd it was made for. */
 static inline void fdtab_put(int fd, uint64_t e) {
     if ((unsigned)fd < g_fdtab_size) {
-        __atomic_store_n(&g_fdtab[fd], e, __ATOMIC_RELAXED);
-        __atomic_store_n(&g_open[2 * (unsigned)fd], NULL, __ATOMIC_RELAXED);
-        __atomic_store_n(&g_open[2 * (unsigned)fd + 1], NULL, __ATOMIC_RELAXED);
+        struct fd_entry *f = &g_fdtab[fd];
+        __atomic_store_n(&f->e, e, __ATOMIC_RELAXED);
+        __atomic_store_n(&f->open[0], NULL, __ATOMIC_RELAXED);
+        __atomic_store_n(&f->open[1], NULL, __ATOMIC_RELAXED);
+        if ((unsigned)fd >= __atomic_load_n(&g_fd_hwm, __ATOMIC_RELAXED))
+            bump_fd_hwm((unsigned)fd + 1);
     }
 }
 
 /* The key of one direction of the connection an fd entry names (slot, gen, kind): stored in
  * each record, so a record is only ever continued for the same connection direction. */
 #define REC_KEY(e, kind) (((e) & ~(uint64_t)0xff) | (uint64_t)(kind))
-#define OPEN_INDEX(fd, kind) (2 * (unsigned)(fd) + ((kind) == GC_KIND_RECV))
+#define OPEN_SLOT(fd, kind) (&g_fdtab[fd].open[(kind) == GC_KIND_RECV])
 
 /* Fill the reserved record `r` and publish it (magic last, release). */
 static inline __attribute__((always_inline)) void write_record(struct gc_record *r, const struct gc_ctl_slot *s,
@@ -934,37 +946,26 @@ static __attribute__((noinline, cold)) void note_slow(int fd, int kind, uint64_t
             t_tid = (uint32_t)syscall(SYS_gettid);
         write_record(r, s, kind, e, start, n, t_tid);
         if ((unsigned)fd < g_fdtab_size) /* published once complete: see note() */
-            __atomic_store_n(&g_open[OPEN_INDEX(fd, kind)], r, __ATOMIC_RELEASE);
+            __atomic_store_n(OPEN_SLOT(fd, kind), r, __ATOMIC_RELEASE);
     }
 out:
     t_guard = 0;
     errno = saved;
 }
 
-/* Record that `n` bytes moved on fd in direction `kind`.  Called after every transfer;
- * records only if n > 0.  The common case (a known TCP fd, log open, segment mapped, thread
- * id known) makes no call at all and never touches errno; it needs no re-entry guard
- * beyond the check (a signal handler's record reserves its own offsets and slot).  A
- * non-socket fd costs one table load.
+/* Record `n` > 0 bytes moved on fd (fdtab entry `e`, not K_OTHER) in direction `kind`.
+ * The common case (a known TCP fd, log open, segment mapped, thread id known) makes no
+ * call at all and never touches errno; it needs no re-entry guard beyond the check (a
+ * signal handler's record reserves its own offsets and slot).
  *
- * Coalescing: when this process's last record for fd and direction (g_open) belongs to the
+ * Coalescing: when this process's last record for fd and direction (the fd's entry) belongs to the
  * same connection direction and interval, and ends exactly where this transfer's bytes
  * start, one compare-and-swap moves its end: no new record, no clock read.  The CAS fails
  * when the range is not contiguous (another thread, process or fd took bytes in between)
  * or when a reader closed the record (GC_END_CLOSED set in end): then a new record is
  * appended and becomes the open one.  That makes it safe with threads, signal handlers,
  * dup'ed fds and processes sharing the socket, without a lock. */
-static inline void note(int fd, int kind, ssize_t n) {
-    if (n <= 0)
-        return;
-    uint64_t e;
-    if (LIKELY((unsigned)fd < g_fdtab_size)) { /* 0 while the shim is disabled */
-        e = __atomic_load_n(&g_fdtab[fd], __ATOMIC_RELAXED);
-        if (LIKELY(E_KIND(e) == K_OTHER))
-            return;
-    } else {
-        e = K_UNKNOWN; /* beyond the table: classify every time */
-    }
+static __attribute__((noinline)) void note_transfer(int fd, int kind, ssize_t n, uint64_t e) {
     if (UNLIKELY(!g_enabled || t_guard))
         return;
     if (UNLIKELY(E_KIND(e) != K_CONN || (unsigned)fd >= g_fdtab_size ||
@@ -975,7 +976,7 @@ static inline void note(int fd, int kind, ssize_t n) {
     struct gc_ctl_slot *s = &g_slots[E_SLOT(e)];
     uint64_t start = __atomic_fetch_add(kind == GC_KIND_SEND ? &s->send_off : &s->recv_off, (uint64_t)n,
                                         __ATOMIC_RELAXED);
-    struct gc_record **op = &g_open[OPEN_INDEX(fd, kind)];
+    struct gc_record **op = OPEN_SLOT(fd, kind);
     struct gc_record *o = __atomic_load_n(op, __ATOMIC_ACQUIRE); /* complete: see below */
     if (LIKELY(o != NULL) && LIKELY(o->conn_key == REC_KEY(e, kind)) &&
         LIKELY(o->interval == __atomic_load_n(&g_ctl->interval, __ATOMIC_RELAXED))) {
@@ -995,8 +996,26 @@ static inline void note(int fd, int kind, ssize_t n) {
     struct gc_record *r = (struct gc_record *)(base + (idx % SEG_RECORDS) * GC_REC_SIZE);
     write_record(r, s, kind, e, start, (uint64_t)n, tid);
     /* Only a complete record becomes the open one: another thread or a signal handler that
-     * finds it in g_open sees all of its fields (release here, acquire above). */
+     * finds it in the fd's entry sees all of its fields (release here, acquire above). */
     __atomic_store_n(op, r, __ATOMIC_RELEASE);
+}
+
+/* Record that `n` bytes moved on fd in direction `kind`.  Called after every transfer;
+ * records only if n > 0.  Inlined into every hook: a non-socket fd costs one table load
+ * and no call (the transfer path, out of line, would make every hook save six registers
+ * first). */
+static inline __attribute__((always_inline)) void note(int fd, int kind, ssize_t n) {
+    if (n <= 0)
+        return;
+    uint64_t e;
+    if (LIKELY((unsigned)fd < g_fdtab_size)) { /* 0 while the shim is disabled */
+        e = __atomic_load_n(&g_fdtab[fd].e, __ATOMIC_RELAXED);
+        if (LIKELY(E_KIND(e) == K_OTHER))
+            return;
+    } else {
+        e = K_UNKNOWN; /* beyond the table: classify every time */
+    }
+    note_transfer(fd, kind, n, e);
 }
 
 /* Track a new fd from accept/connect; or mark a fresh fd of another kind. */
@@ -1262,7 +1281,7 @@ static void clear_range(unsigned first, unsigned last) {
     if (last >= g_fdtab_size)
         last = g_fdtab_size - 1;
     for (unsigned i = first; i <= last && i < g_fdtab_size; i++)
-        if (g_fdtab[i])
+        if (g_fdtab[i].e)
             fdtab_put((int)i, K_UNKNOWN);
 }
 

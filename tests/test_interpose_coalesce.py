@@ -284,3 +284,24 @@ def test_shipper_ships_each_byte_once_while_records_grow(tmp_path, progs):
         for i in range(REC_SIZE, len(raw), REC_SIZE):
             if raw[i:i + 4] == REC_MAGIC.to_bytes(4, "little"):
                 assert struct.unpack_from("<Q", raw, i + 24)[0] & END_CLOSED
+
+
+def test_in_process_ab_bench_bypasses_the_shim_in_its_direct_blocks(tmp_path, progs):
+    """bench_shim's in-process A/B is only meaningful if its "direct" blocks really skip the
+    shim and its "hooked" blocks really go through it: the records must cover exactly the
+    hooked share of the stream (warm-up plus half the blocks, ABBA)."""
+    rounds, blocks = 800, 8
+    unit = Unit("u", tmp_path)
+    try:
+        p = unit.popen([progs["benchprog"], "ab-pingpong", str(rounds), str(blocks)])
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        assert re.fullmatch(r"hooked \d+\.\d+ direct \d+\.\d+\n", out), out
+    finally:
+        kill_all(unit)
+    per = rounds // blocks
+    hooked = per + per * blocks // 2  # warm-up + blocks 0, 3, 4, 7
+    totals = defaultdict(int)
+    for r in read_directory(unit.dir):
+        totals[(r.conn, r.direction, r.pid)] += r.end - r.start
+    assert len(totals) == 4 and set(totals.values()) == {hooked}, dict(totals)

@@ -5,9 +5,17 @@
  *                                 prints "mib_per_s <x>"
  *   benchprog fileread FILE N     N read() calls of 4 KiB on a regular file (lseek back at EOF);
  *                                 prints "ns_per_read <x>"
+ *   benchprog ab-pingpong ROUNDS BLOCKS | ab-bulk MIB BLOCKS | ab-fileread FILE N BLOCKS
+ *                                 the same work in BLOCKS blocks that alternate (ABBA) between
+ *                                 the functions as linked (the shim's hooks when it is
+ *                                 preloaded) and libc's own, looked up in libc; both ends of a
+ *                                 connection switch together.  Prints the median block of
+ *                                 each: "hooked <x> direct <y>" (ns per round or read, or MiB/s).
+ *                                 Without the shim both are libc's: an A/A of the method.
  * BENCH_CPU=n pins the process (and its forked peer) to CPU n. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <dlfcn.h>
 #include <sched.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -158,14 +166,175 @@ static void pin(void) {
     sched_setaffinity(0, sizeof set, &set);
 }
 
+/* ------------------------------------------------------------ in-process A/B */
+
+struct io {
+    ssize_t (*read)(int, void *, size_t);
+    ssize_t (*write)(int, const void *, size_t);
+    ssize_t (*send)(int, const void *, size_t, int);
+    ssize_t (*recv)(int, void *, size_t, int);
+};
+static struct io g_io[2]; /* 0: as linked (hooked under the shim), 1: libc's own */
+
+static void ab_init(void) {
+    g_io[0] = (struct io){read, write, send, recv};
+    void *libc = dlopen("libc.so.6", RTLD_NOW | RTLD_NOLOAD);
+    if (!libc)
+        die("dlopen libc.so.6");
+    g_io[1].read = (ssize_t (*)(int, void *, size_t))dlsym(libc, "read");
+    g_io[1].write = (ssize_t (*)(int, const void *, size_t))dlsym(libc, "write");
+    g_io[1].send = (ssize_t (*)(int, const void *, size_t, int))dlsym(libc, "send");
+    g_io[1].recv = (ssize_t (*)(int, void *, size_t, int))dlsym(libc, "recv");
+    if (!g_io[1].read || !g_io[1].write || !g_io[1].send || !g_io[1].recv)
+        die("dlsym libc");
+}
+
+/* Block k's variant, ABBA order: drift over the run hits both variants alike. */
+static int ab_mode(long k) { return (k % 4 == 1 || k % 4 == 2); }
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Median of the blocks of each variant: `seconds * scale` per block (time per operation)
+ * or, with `rate`, `scale / seconds` (throughput). */
+static void ab_report(const double *secs, long blocks, double scale, int rate) {
+    double *v[2] = {malloc(sizeof(double) * blocks), malloc(sizeof(double) * blocks)};
+    long n[2] = {0, 0};
+    for (long k = 0; k < blocks; k++) {
+        int m = ab_mode(k);
+        v[m][n[m]++] = rate ? scale / secs[k] : secs[k] * scale;
+    }
+    for (int m = 0; m < 2; m++)
+        qsort(v[m], n[m], sizeof(double), cmp_double);
+    printf("hooked %.2f direct %.2f\n", v[0][n[0] / 2], v[1][n[1] / 2]);
+}
+
+static int ab_pingpong(long rounds, long blocks) {
+    ab_init();
+    long per = rounds / blocks;
+    int a, b;
+    tcp_pair(&a, &b);
+    pid_t p = fork();
+    if (p == 0) {
+        close(a);
+        char c;
+        for (long i = 0;; i++) {
+            const struct io *io = &g_io[i < per ? 0 : ab_mode((i - per) / per)];
+            if (io->recv(b, &c, 1, 0) != 1)
+                _exit(0);
+            if (io->send(b, &c, 1, 0) != 1)
+                _exit(1);
+        }
+    }
+    close(b);
+    char c = 'x';
+    for (long i = 0; i < per; i++) /* warm-up, hooked */
+        if (send(a, &c, 1, 0) != 1 || recv(a, &c, 1, 0) != 1)
+            die("pingpong");
+    double *secs = malloc(sizeof(double) * blocks);
+    for (long k = 0; k < blocks; k++) {
+        const struct io *io = &g_io[ab_mode(k)];
+        double t0 = now();
+        for (long i = 0; i < per; i++)
+            if (io->send(a, &c, 1, 0) != 1 || io->recv(a, &c, 1, 0) != 1)
+                die("pingpong");
+        secs[k] = now() - t0;
+    }
+    close(a);
+    waitpid(p, NULL, 0);
+    ab_report(secs, blocks, 1e9 / per, 0);
+    return 0;
+}
+
+static int ab_bulk(long mib, long blocks) {
+    ab_init();
+    static char buf[65536];
+    long block = mib * 1048576L / blocks / 65536 * 65536; /* whole writes per block */
+    long warm = WARMUP_MIB * 1048576L, total = warm + block * blocks;
+    int a, b;
+    tcp_pair(&a, &b);
+    pid_t p = fork();
+    if (p == 0) {
+        close(a);
+        memset(buf, 'y', sizeof buf);
+        for (long pos = 0; pos < total;) {
+            int m = pos < warm ? 0 : ab_mode((pos - warm) / block);
+            ssize_t w = g_io[m].write(b, buf, sizeof buf);
+            if (w <= 0)
+                _exit(1);
+            pos += w;
+            if (w != (ssize_t)sizeof buf) /* blocking socket: always whole; guard anyway */
+                _exit(1);
+        }
+        close(b);
+        _exit(0);
+    }
+    close(b);
+    double *secs = malloc(sizeof(double) * blocks);
+    long pos = 0;
+    double t0 = 0;
+    while (pos < total) {
+        long k = pos < warm ? -1 : (pos - warm) / block;
+        long end = k < 0 ? warm : warm + (k + 1) * block;
+        size_t want = (size_t)(end - pos) < sizeof buf ? (size_t)(end - pos) : sizeof buf;
+        ssize_t r = g_io[k < 0 ? 0 : ab_mode(k)].read(a, buf, want);
+        if (r <= 0)
+            die("bulk read");
+        pos += r;
+        if (pos == end) {
+            double t = now();
+            if (k >= 0)
+                secs[k] = t - t0;
+            t0 = t;
+        }
+    }
+    waitpid(p, NULL, 0);
+    ab_report(secs, blocks, block / 1048576.0, 1);
+    return 0;
+}
+
+static int ab_fileread(const char *path, long n, long blocks) {
+    ab_init();
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        die("open");
+    static char buf[4096];
+    long per = n / blocks;
+    double *secs = malloc(sizeof(double) * blocks);
+    for (long k = 0; k < blocks; k++) {
+        const struct io *io = &g_io[ab_mode(k)];
+        double t0 = now();
+        for (long i = 0; i < per; i++) {
+            ssize_t r = io->read(fd, buf, sizeof buf);
+            if (r < 0)
+                die("read");
+            if (r == 0)
+                lseek(fd, 0, SEEK_SET);
+        }
+        secs[k] = now() - t0;
+    }
+    close(fd);
+    ab_report(secs, blocks, 1e9 / per, 0);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     pin();
+    if (argc >= 4 && !strcmp(argv[1], "ab-pingpong"))
+        return ab_pingpong(atol(argv[2]), atol(argv[3]));
+    if (argc >= 4 && !strcmp(argv[1], "ab-bulk"))
+        return ab_bulk(atol(argv[2]), atol(argv[3]));
+    if (argc >= 5 && !strcmp(argv[1], "ab-fileread"))
+        return ab_fileread(argv[2], atol(argv[3]), atol(argv[4]));
     if (argc >= 3 && !strcmp(argv[1], "pingpong"))
         return pingpong(atol(argv[2]));
     if (argc >= 3 && !strcmp(argv[1], "bulk"))
         return bulk(atol(argv[2]));
     if (argc >= 4 && !strcmp(argv[1], "fileread"))
         return fileread(argv[2], atol(argv[3]));
-    fprintf(stderr, "usage: benchprog pingpong ROUNDS | bulk MIB | fileread FILE N\n");
+    fprintf(stderr, "usage: benchprog pingpong ROUNDS | bulk MIB | fileread FILE N"
+                    " | ab-pingpong ROUNDS BLOCKS | ab-bulk MIB BLOCKS | ab-fileread FILE N BLOCKS\n");
     return 2;
 }
