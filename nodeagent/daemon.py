@@ -94,6 +94,7 @@ class NodeAgent:
         self._save_task: asyncio.Task | None = None
         self._save_dirty = False
         self._save_asked = self._save_done = 0   # unit list writes asked for, and written
+        self._save_waiters: list[tuple[int, asyncio.Future]] = []   # (upto, woken once written)
         self._events: asyncio.Queue = asyncio.Queue()
         self._event_task: asyncio.Task | None = None
 
@@ -117,20 +118,39 @@ class NodeAgent:
             self._save_task = asyncio.create_task(self._save_loop())
 
     async def _save_loop(self) -> None:
-        while self._save_dirty:
-            self._save_dirty = False
-            asked = self._save_asked
-            try:
-                await asyncio.to_thread(self._save_units, self._unit_rows(), False)
-            except OSError as exc:   # units run on; only a later agent's adoption would miss them
-                event(log, "unit list not written", logging.WARNING, path=str(self.state_file), error=str(exc))
-            self._save_done = asked
+        try:
+            while self._save_dirty:
+                self._save_dirty = False
+                asked = self._save_asked
+                try:
+                    await asyncio.to_thread(self._save_units, self._unit_rows(), False)
+                except OSError as exc:   # units run on; only a later agent's adoption would miss them
+                    event(log, "unit list not written", logging.WARNING, path=str(self.state_file), error=str(exc))
+                self._save_done = asked
+                self._wake_save_waiters(asked)
+        finally:
+            self._wake_save_waiters(None)   # nothing more is being written: nobody waits on
+
+    def _wake_save_waiters(self, done: int | None) -> None:
+        """Wake who waits for a write up to ``done`` (None: everyone)."""
+        keep = []
+        for upto, fut in self._save_waiters:
+            if done is None or upto <= done:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((upto, fut))
+        self._save_waiters = keep
 
     async def _unit_list_written(self, upto: int) -> None:
         """Wait until the unit list on disk holds the changes asked for up to ``upto``
-        (a ``_save_asked`` value)."""
-        while self._save_done < upto and self._save_task is not None and not self._save_task.done():
-            await asyncio.shield(self._save_task)
+        (a ``_save_asked`` value): that write, not the ones asked for since (a rebuild's
+        answer must not wait for the write that lists the restored pid)."""
+        if self._save_done >= upto or self._save_task is None or self._save_task.done():
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._save_waiters.append((upto, fut))
+        await fut
 
     def _unit_rows(self) -> list[dict[str, Any]]:
         """Units whose tree lives (or is being restored: no pid yet; a later agent finds the

@@ -390,14 +390,22 @@ class Coordinator:
         if job.busy:
             raise ControlError(f"job {job.id} is busy ({job.busy} in progress)")
         store = self.orch.store
-        ckpts = await asyncio.to_thread(store.list_checkpoints, job.id)
-        if checkpoint:
-            found = [c for c in ckpts if c["id"] == checkpoint or c["id"].startswith(checkpoint)]
-            if len(found) != 1:
+
+        def pick() -> dict[str, Any] | list[dict[str, Any]]:
+            """The checkpoint named exactly (one file read), else every committed one."""
+            exact = store.committed_checkpoint(job.id, checkpoint) if checkpoint else None
+            return exact if exact is not None else store.list_checkpoints(job.id)
+
+        found = await asyncio.to_thread(pick)
+        if isinstance(found, dict):
+            ckpt = found
+        elif checkpoint:
+            matches = [c for c in found if c["id"] == checkpoint or c["id"].startswith(checkpoint)]
+            if len(matches) != 1:
                 raise ControlError(f"job {job.id}: no committed checkpoint {checkpoint!r}", 2)
-            ckpt = found[0]
-        elif ckpts:
-            ckpt = ckpts[-1]
+            ckpt = matches[0]
+        elif found:
+            ckpt = found[-1]
         else:
             raise ControlError(f"job {job.id} has no committed checkpoint")
         plan = {name: int(ckpt["units"][name]) for name in job.units}

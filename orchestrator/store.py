@@ -746,6 +746,18 @@ class Store:
         out.sort(key=lambda r: (r.get("time", 0), r["id"]))
         return out
 
+    def committed_checkpoint(self, job: str, ckpt_id: str) -> dict[str, Any] | None:
+        """The committed checkpoint with exactly this id (its record, as listed by
+        ``list_checkpoints``), or None: one file read instead of the whole listing."""
+        try:
+            path = self._checkpoint_path(job, ckpt_id)
+        except ValueError:
+            return None
+        rec = self._read_record(path)
+        if rec is not None:
+            rec.setdefault("id", ckpt_id)
+        return rec
+
     def load_checkpoint(self, job: str, ckpt_id: str) -> dict[str, Any]:
         """A committed checkpoint's record; ``CheckpointNotFound`` otherwise."""
         path = self._checkpoint_path(job, ckpt_id)

@@ -510,3 +510,14 @@ def test_manifest_without_syncfs_falls_back_to_fsync(tmp_path: Path, monkeypatch
     # one fsync per image file, one per directory holding them, plus the manifest and its dir
     assert len(synced) >= len(IMAGES) + 2
     verify_manifest(d)
+
+
+def test_committed_checkpoint_by_exact_id_is_what_the_listing_says(store: Store) -> None:
+    seq = committed_unit(store, "j", "a")
+    store.commit_checkpoint("j", "c1", {"a": seq}, {"time": 100.0})
+    store.begin_checkpoint("j", "c2", {"a": store.reserve_seq("j", "a")})
+    (store.checkpoints_dir("j") / "broken.json").write_text("{")
+    (store.checkpoints_dir("j") / "nounits.json").write_text('{"units": 3}')
+    assert store.committed_checkpoint("j", "c1") == store.list_checkpoints("j")[0]
+    for missing in ("c", "c2", "broken", "nounits", "zz", "../j", ".hidden", "c2.pending"):
+        assert store.committed_checkpoint("j", missing) is None, missing

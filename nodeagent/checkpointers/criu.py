@@ -204,14 +204,27 @@ class CriuCheckpointer(Checkpointer):
     # ---------------------------------------------------------------- restart
     async def check_restorable(self, images: Path, manifest: dict[str, Any] | None = None) -> None:
         images = Path(images)
-        await self._check(images, await asyncio.to_thread(_load_meta, images))
+        await self._check(images)
 
-    async def _check(self, images: Path, meta: dict[str, Any]) -> None:
-        problems = await asyncio.to_thread(self._file_problems, meta, images)
-        problems += await self._cpu_problems(images)
+    async def _check(self, images: Path, roll_back: bool = False) -> dict[str, Any]:
+        """Refuse, naming what differs, unless this node can run the images; their metadata.
+        ``roll_back``: then put the files the tree writes back to their checkpointed state.
+        The CPU first (cached verdict), then one trip to a thread for the rest."""
+        problems = await self._cpu_problems(images)
+
+        def files() -> tuple[dict[str, Any], list[str]]:
+            meta = _load_meta(images)
+            found = self._file_problems(meta, images)
+            if roll_back and not found and not problems:
+                _roll_back_files(meta, images)
+            return meta, found
+
+        meta, found = await asyncio.to_thread(files)
+        problems = found + problems
         if problems:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
             raise RestoreRefused(f"cannot restore {images} on this node: {shown}")
+        return meta
 
     async def _cpu_problems(self, images: Path) -> list[str]:
         try:
@@ -269,9 +282,7 @@ class CriuCheckpointer(Checkpointer):
 
     async def rebuild(self, unit: UnitProcess, images: Path) -> None:
         images = Path(images)
-        meta = await asyncio.to_thread(_load_meta, images)
-        await self._check(images, meta)                 # cheap: stat()s, cached CPU verdict
-        await asyncio.to_thread(_roll_back_files, meta, images)
+        meta = await self._check(images, roll_back=True)    # cheap: stat()s, cached CPU verdict
         tag = f"{_safe(unit.job)}-{_safe(unit.name)}-{uuid.uuid4().hex[:8]}"
         pidfile = self.runner.work_dir / f"restore-{tag}.pid"
         await self.runner.run(
