@@ -342,8 +342,21 @@ class NodeAgent:
         futs: dict[str, asyncio.Future] = {}
         loop = asyncio.get_running_loop()
         sync = stage == "seal"   # a batch that writes manifests is made durable with one syncfs
+        ready: set[tuple[str, str]] = set()
+        if stage == "prepare" and len(msg["units"]) > 1:
+            batch = []
+            for name, args in msg["units"].items():
+                unit = self.units.get((msg["job"], str(name)))
+                if unit is not None and not unit.ended and isinstance(args, dict):
+                    try:
+                        batch.append((unit, msg["checkpoint"], int(args.get("seq") or 0)))
+                    except (TypeError, ValueError):
+                        continue   # its own prepare says what is wrong
+            ready = await self.runner.make_images_dirs(batch)
         for name, args in msg["units"].items():
             args = dict(args) if isinstance(args, dict) else {}
+            if (msg["job"], str(name)) in ready:
+                args["images_ready"] = True
             if stage == "checkpoint" and not args.get("seal_later"):
                 sync = True
             if stage in ("checkpoint", "seal"):

@@ -73,6 +73,29 @@ class UnitStageRunner:
     def backend_for(self, unit: Any) -> Checkpointer:
         return self.backend(unit.spec.get("checkpointer") or "criu")
 
+    # -- batches -------------------------------------------------------------------------
+    async def make_images_dirs(self, units: list[tuple[Any, str, int]]) -> set[tuple[str, str]]:
+        """Before a prepare of many units: create their images directories in one trip to a
+        thread instead of one each (64 trips cost more than the stage's real work).  ``units``:
+        (unit, checkpoint id, seq).  A unit whose prepare ran already (a redelivery: its
+        images may be written by now) is left alone, so is one whose directory cannot be made
+        (its own prepare then fails naming why).  Returns the (job, unit) pairs whose
+        directory is ready: their prepare gets ``images_ready``."""
+        todo = [(u, self.store.images_dir(u.job, u.name, seq)) for u, cid, seq in units
+                if seq and (u.job, u.name, cid, "prepare") not in self._done]
+
+        def make() -> set[tuple[str, str]]:
+            ready = set()
+            for unit, images in todo:
+                try:
+                    _fresh_images_dir(images)
+                except (CheckpointError, OSError):
+                    continue
+                ready.add((unit.job, unit.name))
+            return ready
+
+        return await asyncio.to_thread(make) if todo else set()
+
     # -- entry point ---------------------------------------------------------------------
     async def run(self, unit: Any, stage: str, checkpoint_id: str, seq: int | None = None,
                   args: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -144,7 +167,8 @@ class UnitStageRunner:
         self._require_alive(unit, "prepare")
         ctx = self._context(unit, cid, seq)
         images: Path = ctx["images"]
-        await asyncio.to_thread(_fresh_images_dir, images)
+        if not args.get("images_ready"):   # else made for the whole batch (make_images_dirs)
+            await asyncio.to_thread(_fresh_images_dir, images)
         unit.checkpoint_id = cid
         cb = await run_callback(unit, "pre_checkpoint", checkpoint=cid, images=images,
                                 timeout=args.get("callback_timeout", self.callback_timeout))

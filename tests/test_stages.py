@@ -269,3 +269,30 @@ async def test_callback_timeout(env):
     with pytest.raises(CheckpointError, match="pre_checkpoint callback 'sleep' timed out after 0.3 s"):
         await runner.run(u, "prepare", "ck1", 1, {"callback_timeout": 0.3})
     assert time.monotonic() - t0 < 2
+
+
+async def test_batched_images_dirs_leave_a_redelivered_prepare_alone(env):
+    """make_images_dirs (a prepare of many units) makes each fresh directory in one trip, but
+    never touches the images of a unit whose prepare already ran (a redelivered message: its
+    state may be written), nor claims a directory it could not make."""
+    store, runner, start = env
+    a, b = await start("a"), await start("b")
+    await runner.run(a, "prepare", "ck1", 1)
+    state_a = sorted(p.name for p in store.images_dir("job1", "a", 1).iterdir())
+    assert state_a, "the program saved its state at prepare"
+    store.images_dir("job1", "b", 1).mkdir(parents=True)
+    (store.images_dir("job1", "b", 1) / "leftover").write_text("from an aborted attempt")
+    ready = await runner.make_images_dirs([(a, "ck1", 1), (b, "ck1", 1)])
+    assert ready == {("job1", "b")}
+    assert sorted(p.name for p in store.images_dir("job1", "a", 1).iterdir()) == state_a
+    assert list(store.images_dir("job1", "b", 1).iterdir()) == [], "a partial directory is cleared"
+    # b's directory already holds a committed checkpoint: not claimed, and its prepare says so
+    (store.images_dir("job1", "b", 2)).mkdir()
+    (store.images_dir("job1", "b", 2) / "manifest.json").write_text("{}")
+    assert await runner.make_images_dirs([(b, "ck2", 2)]) == set()
+    with pytest.raises(CheckpointError, match="already holds a committed checkpoint"):
+        await runner.run(b, "prepare", "ck2", 2)
+    res = await runner.run(b, "prepare", "ck1", 1, {"images_ready": True})
+    assert res["data"]["seq"] == 1
+    for u, cid in ((a, "ck1"), (b, "ck1")):
+        await runner.run(u, "abort", cid, 1)
