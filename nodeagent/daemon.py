@@ -32,6 +32,7 @@ from .checkpointers.base import CheckpointError
 from .checkpointers.registry import capabilities
 from .shipper import Shipper, ensure_shim_dir
 from .freezer import Freezer, alive_pids, sweep_empty_cgroups
+from .stage_batch import BATCH_STAGES
 from .stages import UnitStageRunner
 from .units import Unit, become_subreaper
 
@@ -85,6 +86,8 @@ class NodeAgent:
         self.shipper = Shipper(bus, site, node)
         self._queues: dict[tuple[str, str], asyncio.Queue] = {}
         self._workers: dict[tuple[str, str], asyncio.Task] = {}
+        self._executing: set[tuple[str, str]] = set()      # units whose worker runs a command
+        self._batch_busy: dict[tuple[str, str], asyncio.Future] = {}   # units in a batch stage
         self._tasks: set[asyncio.Task] = set()
         self._consumer: Any = None
         self._hb_task: asyncio.Task | None = None
@@ -342,21 +345,17 @@ class NodeAgent:
         futs: dict[str, asyncio.Future] = {}
         loop = asyncio.get_running_loop()
         sync = stage == "seal"   # a batch that writes manifests is made durable with one syncfs
-        ready: set[tuple[str, str]] = set()
-        if stage == "prepare" and len(msg["units"]) > 1:
-            batch = []
-            for name, args in msg["units"].items():
-                unit = self.units.get((msg["job"], str(name)))
-                if unit is not None and not unit.ended and isinstance(args, dict):
-                    try:
-                        batch.append((unit, msg["checkpoint"], int(args.get("seq") or 0)))
-                    except (TypeError, ValueError):
-                        continue   # its own prepare says what is wrong
-            ready = await self.runner.make_images_dirs(batch)
+        batch = self._batchable(msg, stage)
+        if batch is not None:
+            for _, _, args in batch:
+                if stage == "checkpoint" and not args.get("seal_later"):
+                    sync = True
+                if stage in ("checkpoint", "seal"):
+                    args["defer_sync"] = True
+            results = await self._stage_batch(msg, stage, batch)
+            return await self._made_durable(results, sync)
         for name, args in msg["units"].items():
             args = dict(args) if isinstance(args, dict) else {}
-            if (msg["job"], str(name)) in ready:
-                args["images_ready"] = True
             if stage == "checkpoint" and not args.get("seal_later"):
                 sync = True
             if stage in ("checkpoint", "seal"):
@@ -365,6 +364,10 @@ class NodeAgent:
             self._on_command_local({"type": "stage", "job": msg["job"], "unit": str(name),
                                     "checkpoint": msg["checkpoint"], "stage": stage, "args": args, "_reply": fut})
         results = dict(zip(futs, await asyncio.gather(*futs.values())))
+        return await self._made_durable(results, sync)
+
+    async def _made_durable(self, results: dict[str, dict[str, Any]], sync: bool) -> dict[str, dict[str, Any]]:
+        """A batch that wrote manifests is made durable with one syncfs before it is answered."""
         if sync and any(r["ok"] for r in results.values()):
             try:
                 await asyncio.to_thread(sync_store, self.store.root)
@@ -376,7 +379,11 @@ class NodeAgent:
     async def _unit_worker(self, key: tuple[str, str], q: asyncio.Queue) -> None:
         while True:
             msg = await q.get()
+            self._executing.add(key)
             try:
+                held = self._batch_busy.get(key)
+                if held is not None:      # the unit is in a batch stage: after it
+                    await asyncio.shield(held)
                 await self._execute(msg)
             except Exception as exc:  # a bug must not kill the worker or the daemon
                 log.exception("command %s for %s/%s failed", msg["type"], *key)
@@ -385,6 +392,7 @@ class NodeAgent:
                 if reply is not None and not reply.done():
                     reply.set_result({"ok": False, "ms": 0.0, "error": f"internal error: {exc}", "data": {}})
             finally:
+                self._executing.discard(key)
                 q.task_done()
 
     async def _execute(self, msg: dict[str, Any]) -> None:
@@ -487,6 +495,77 @@ class NodeAgent:
             await self._emit(protocol.event_key(self.site, self.node), "unit_event", node=self.node, job=job,
                              unit=name, state="failed", detail=f"launch failed: {exc}")
 
+    async def _after_stage(self, unit: Unit, stage: str, ckpt: str, args: dict[str, Any],
+                           res: dict[str, Any]) -> dict[str, Any]:
+        """What follows a stage that succeeded on a unit: determinants flushed (checkpoint),
+        the watchdog armed (prepare) or disarmed, the shim's interval moved on."""
+        job, name = unit.job, unit.name
+        if stage == "checkpoint" and "LD_PRELOAD" in unit.env:
+            res = dict(res, data={**res.get("data", {}), "shipped": await self.shipper.flush_unit(job, name)})
+        if stage == "prepare":
+            self._arm_watchdog(unit, ckpt, args)
+        if stage in ("resume_cp", protocol.ABORT_STAGE):
+            dog = self._watchdogs.pop((job, name, ckpt), None)
+            if dog is not None:
+                dog.cancel()
+        if stage == "resume_cp":
+            self._set_interval(unit, int(args.get("interval", args.get("seq", 0))))
+        elif stage == "rebuild":
+            self.shipper.rolled_back(job, name)
+            self._set_interval(unit, int(args.get("interval", args.get("seq", 0))))
+        return res
+
+    def _batchable(self, msg: dict[str, Any], stage: str) -> list[tuple[str, Unit, dict[str, Any]]] | None:
+        """The message's units for one ``run_batch``, or None: the stage has no batch form, or
+        a unit is not here, has a command queued or running (its order must hold), or odd args."""
+        if stage not in BATCH_STAGES or len(msg["units"]) < 2:
+            return None
+        batch = []
+        for name, args in msg["units"].items():
+            key = (msg["job"], str(name))
+            unit = self.units.get(key)
+            q = self._queues.get(key)
+            if (unit is None or key in self._executing or key in self._batch_busy or (q is not None and not q.empty())
+                    or not isinstance(args, dict) or not isinstance(args.get("seq", 0), int)):
+                return None
+            batch.append((str(name), unit, dict(args)))
+        return batch
+
+    async def _stage_batch(self, msg: dict[str, Any], stage: str,
+                           batch: list[tuple[str, Unit, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+        """One stage on many units through ``run_batch``; each unit's answer fields, as
+        ``_stage`` gives them.  The units' command queues wait meanwhile."""
+        job, ckpt = msg["job"], msg["checkpoint"]
+        held = asyncio.get_running_loop().create_future()
+        for name, _, _ in batch:
+            self._batch_busy[(job, name)] = held
+        try:
+            limit = 2 * max(float(args.get("timeout") or 30.0) for _, _, args in batch)
+            try:
+                async with asyncio.timeout(limit):
+                    outcomes = await self.runner.run_batch(stage, ckpt, [(unit, args) for _, unit, args in batch])
+            except TimeoutError:
+                outcomes = {name: CheckpointError(f"{stage} of {name} did not finish within {limit:g} s")
+                            for name, _, _ in batch}
+            results: dict[str, dict[str, Any]] = {}
+            for name, unit, args in batch:
+                res = outcomes[name]
+                fields: dict[str, Any] = {"job": job, "unit": name, "node": self.node, "checkpoint": ckpt,
+                                          "stage": stage}
+                if isinstance(res, CheckpointError):
+                    event(log, "stage failed", logging.WARNING, job=job, unit=name, stage=stage, checkpoint=ckpt,
+                          error=str(res))
+                    fields.update(ok=False, ms=0.0, data={}, error=str(res))
+                else:
+                    res = await self._after_stage(unit, stage, ckpt, args, res)
+                    fields.update(ok=True, ms=float(res.get("ms", 0.0)), data=dict(res.get("data") or {}))
+                results[name] = fields
+            return results
+        finally:
+            for name, _, _ in batch:
+                self._batch_busy.pop((job, name), None)
+            held.set_result(None)
+
     async def _stage(self, msg: dict[str, Any]) -> None:
         job, name, stage, ckpt = msg["job"], msg["unit"], msg["stage"], msg["checkpoint"]
         args = msg.get("args") or {}
@@ -516,19 +595,7 @@ class NodeAgent:
                         res = await self.runner.run(unit, stage, ckpt, int(args.get("seq", 0)), args)
                 except TimeoutError:
                     raise CheckpointError(f"{stage} of {name} did not finish within {limit:g} s") from None
-                if stage == "checkpoint" and "LD_PRELOAD" in unit.env:
-                    res = dict(res, data={**res.get("data", {}), "shipped": await self.shipper.flush_unit(job, name)})
-                if stage == "prepare":
-                    self._arm_watchdog(unit, ckpt, args)
-                if stage in ("resume_cp", protocol.ABORT_STAGE):
-                    dog = self._watchdogs.pop((job, name, ckpt), None)
-                    if dog is not None:
-                        dog.cancel()
-                if stage == "resume_cp":
-                    self._set_interval(unit, int(args.get("interval", args.get("seq", 0))))
-                elif stage == "rebuild":
-                    self.shipper.rolled_back(job, name)
-                    self._set_interval(unit, int(args.get("interval", args.get("seq", 0))))
+                res = await self._after_stage(unit, stage, ckpt, args, res)
             if stage == "rebuild":   # an agent killed from now on still adopts the rebuilt tree
                 await self._unit_list_written(listed)
             ok, error = True, ""

@@ -37,6 +37,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
+from nodeagent import stage_batch
 from nodeagent.callbacks import run_callback
 from nodeagent.checkpointers.base import CheckpointError, Checkpointer, RestoreRefused
 from nodeagent.checkpointers.registry import make_backend
@@ -73,29 +74,6 @@ class UnitStageRunner:
     def backend_for(self, unit: Any) -> Checkpointer:
         return self.backend(unit.spec.get("checkpointer") or "criu")
 
-    # -- batches -------------------------------------------------------------------------
-    async def make_images_dirs(self, units: list[tuple[Any, str, int]]) -> set[tuple[str, str]]:
-        """Before a prepare of many units: create their images directories in one trip to a
-        thread instead of one each (64 trips cost more than the stage's real work).  ``units``:
-        (unit, checkpoint id, seq).  A unit whose prepare ran already (a redelivery: its
-        images may be written by now) is left alone, so is one whose directory cannot be made
-        (its own prepare then fails naming why).  Returns the (job, unit) pairs whose
-        directory is ready: their prepare gets ``images_ready``."""
-        todo = [(u, self.store.images_dir(u.job, u.name, seq)) for u, cid, seq in units
-                if seq and (u.job, u.name, cid, "prepare") not in self._done]
-
-        def make() -> set[tuple[str, str]]:
-            ready = set()
-            for unit, images in todo:
-                try:
-                    _fresh_images_dir(images)
-                except (CheckpointError, OSError):
-                    continue
-                ready.add((unit.job, unit.name))
-            return ready
-
-        return await asyncio.to_thread(make) if todo else set()
-
     # -- entry point ---------------------------------------------------------------------
     async def run(self, unit: Any, stage: str, checkpoint_id: str, seq: int | None = None,
                   args: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -103,13 +81,10 @@ class UnitStageRunner:
         if stage not in STAGES:
             raise CheckpointError(f"unknown stage {stage!r}")
         seq = seq or None     # 0 / None: not given (the images dir then comes from prepare)
-        key = (unit.job, unit.name, checkpoint_id, stage)
-        fut = self._done.get(key)
+        fut = self.claim(unit, checkpoint_id, stage)
         if fut is None:
-            fut = asyncio.get_running_loop().create_future()
-            self._done[key] = fut
-            while len(self._done) > _REMEMBER:
-                self._done.popitem(last=False)
+            fut = self.outcome(unit, checkpoint_id, stage)
+        else:
             try:
                 result = await self._run(unit, stage, checkpoint_id, seq, dict(args or {}))
             except CheckpointError as e:
@@ -117,7 +92,7 @@ class UnitStageRunner:
             except (StoreError, OSError) as e:
                 fut.set_exception(CheckpointError(f"{stage} of {unit.name}: {e}"))
             except asyncio.CancelledError:
-                self._done.pop(key, None)
+                self.unclaim(unit, checkpoint_id, stage)
                 fut.cancel()
                 raise
             except Exception as e:   # a bug: still a one-line answer to the orchestrator
@@ -129,16 +104,44 @@ class UnitStageRunner:
         res = await asyncio.shield(fut)
         return dict(res, data=dict(res["data"]))
 
-    async def _run(self, unit: Any, stage: str, cid: str, seq: int | None,
-                   args: dict[str, Any]) -> dict[str, Any]:
-        t0 = time.monotonic()
-        data = await getattr(self, "_" + stage)(unit, cid, seq, args)
-        ms = round((time.monotonic() - t0) * 1000, 3)
+    async def run_batch(self, stage: str, checkpoint_id: str,
+                        units: list[tuple[Any, dict[str, Any]]]) -> dict[str, dict[str, Any] | CheckpointError]:
+        """``stage`` (prepare, stop, checkpoint or resume_cp) on many units in one pass: each
+        unit's ``run`` outcome, result or CheckpointError, by name (see stage_batch)."""
+        return await stage_batch.run_batch(self, stage, checkpoint_id, units)
+
+    def claim(self, unit: Any, cid: str, stage: str) -> asyncio.Future | None:
+        """A future for this unit's first run of ``stage``; None if it ran or runs already."""
+        key = (unit.job, unit.name, cid, stage)
+        if key in self._done:
+            return None
+        fut = self._done[key] = asyncio.get_running_loop().create_future()
+        while len(self._done) > _REMEMBER:
+            self._done.popitem(last=False)
+        return fut
+
+    def outcome(self, unit: Any, cid: str, stage: str) -> asyncio.Future:
+        """The future of a claimed stage (its result or CheckpointError, once done)."""
+        return self._done[(unit.job, unit.name, cid, stage)]
+
+    def unclaim(self, unit: Any, cid: str, stage: str) -> None:
+        """Forget a claim whose stage never ran (cancelled): a redelivery runs it."""
+        self._done.pop((unit.job, unit.name, cid, stage), None)
+
+    def stage_done(self, unit: Any, cid: str, stage: str, ms: float) -> None:
+        """Record a stage's time in its checkpoint context; drop the context after the last."""
         ctx = self._ctx.get((unit.job, unit.name, cid))
         if ctx is not None:
             ctx["stages_ms"][stage] = ms
         if stage in ("seal", "abort", "resume_rst") or (stage == "resume_cp" and not (ctx or {}).get("unsealed")):
             self._ctx.pop((unit.job, unit.name, cid), None)
+
+    async def _run(self, unit: Any, stage: str, cid: str, seq: int | None,
+                   args: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.monotonic()
+        data = await getattr(self, "_" + stage)(unit, cid, seq, args)
+        ms = round((time.monotonic() - t0) * 1000, 3)
+        self.stage_done(unit, cid, stage, ms)
         return {"stage": stage, "ms": ms, "data": data}
 
     def _context(self, unit: Any, cid: str, seq: int | None) -> dict[str, Any]:
@@ -167,8 +170,7 @@ class UnitStageRunner:
         self._require_alive(unit, "prepare")
         ctx = self._context(unit, cid, seq)
         images: Path = ctx["images"]
-        if not args.get("images_ready"):   # else made for the whole batch (make_images_dirs)
-            await asyncio.to_thread(_fresh_images_dir, images)
+        await asyncio.to_thread(_fresh_images_dir, images)
         unit.checkpoint_id = cid
         cb = await run_callback(unit, "pre_checkpoint", checkpoint=cid, images=images,
                                 timeout=args.get("callback_timeout", self.callback_timeout))

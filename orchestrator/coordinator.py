@@ -137,7 +137,8 @@ class Coordinator:
     @staticmethod
     async def _collect(futs: dict[str, asyncio.Future], stage: str, timeout: float) -> dict[str, dict[str, Any]]:
         """Wait for every unit's result of one stage; StageFailed naming the first failure."""
-        await asyncio.wait(futs.values(), timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
+        if futs:   # (an abort may concern no unit any more: all of them ended)
+            await asyncio.wait(futs.values(), timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
         results: dict[str, dict[str, Any]] = {}
         for name, fut in futs.items():
             if not fut.done():

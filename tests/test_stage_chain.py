@@ -177,3 +177,25 @@ async def test_a_failing_rebuild_ends_the_restart_chain(tmp_path: Path) -> None:
         for name in ("u0", "u1"):
             unit = agent.units.get((job, name))
             assert unit is None or unit.ended or unit.state != "running", f"{name} was resumed"
+
+
+async def test_a_command_for_a_unit_in_a_batch_stage_waits_for_it(tmp_path: Path) -> None:
+    """An agent runs a stage of many units in one pass (stage_batch); a command for one of
+    those units that arrives meanwhile (here a kill) runs after that stage, never in its
+    middle, as it would behind the unit's own stage."""
+    async with Cell(tmp_path) as cell:
+        job = await cell.submit(["n1", "n1", "n1"])
+        agent = cell.agents["n1"]
+        units = {n: agent.units[(job, n)] for n in ("u0", "u1", "u2")}
+        os.kill(units["u0"].root_pid, signal.SIGSTOP)     # its CHECKPOINT waits: prepare hangs
+        ck = asyncio.create_task(cell.orch.control("checkpoint", {"job": job}))
+        await cell.until(lambda: (job, "u1") in agent._batch_busy)
+        agent._on_command_local({"type": "kill", "job": job, "unit": "u1"})
+        await asyncio.sleep(0.5)
+        assert not units["u1"].ended, "the kill ran in the middle of the batch stage"
+        os.kill(units["u0"].root_pid, signal.SIGCONT)
+        with pytest.raises(ControlError, match="u1"):
+            await ck       # u1 is gone before it could be stopped: the checkpoint aborts
+        await cell.until(lambda: units["u1"].ended)
+        assert not units["u0"].ended and not units["u2"].ended
+        assert not agent._batch_busy

@@ -271,28 +271,98 @@ async def test_callback_timeout(env):
     assert time.monotonic() - t0 < 2
 
 
-async def test_batched_images_dirs_leave_a_redelivered_prepare_alone(env):
-    """make_images_dirs (a prepare of many units) makes each fresh directory in one trip, but
-    never touches the images of a unit whose prepare already ran (a redelivered message: its
-    state may be written), nor claims a directory it could not make."""
+
+# -- many units in one pass (stage_batch) -------------------------------------------------
+
+CK_STAGES = ("prepare", "stop", "checkpoint", "resume_cp")
+
+
+def shape(res: dict) -> tuple:
+    """What a stage result says, without its timing."""
+    return res["stage"], {k: v for k, v in res["data"].items() if k not in ("backend_ms",)}
+
+
+async def test_batch_gives_each_unit_what_run_gives(env, tmp_path):
+    """Three units through the four checkpoint stages in batches, a fourth through run():
+    the same results unit by unit, a redelivered batch runs nothing again, and run() after a
+    batch (or a batch after run()) returns the first outcome."""
     store, runner, start = env
-    a, b = await start("a"), await start("b")
-    await runner.run(a, "prepare", "ck1", 1)
-    state_a = sorted(p.name for p in store.images_dir("job1", "a", 1).iterdir())
-    assert state_a, "the program saved its state at prepare"
-    store.images_dir("job1", "b", 1).mkdir(parents=True)
-    (store.images_dir("job1", "b", 1) / "leftover").write_text("from an aborted attempt")
-    ready = await runner.make_images_dirs([(a, "ck1", 1), (b, "ck1", 1)])
-    assert ready == {("job1", "b")}
-    assert sorted(p.name for p in store.images_dir("job1", "a", 1).iterdir()) == state_a
-    assert list(store.images_dir("job1", "b", 1).iterdir()) == [], "a partial directory is cleared"
-    # b's directory already holds a committed checkpoint: not claimed, and its prepare says so
-    (store.images_dir("job1", "b", 2)).mkdir()
-    (store.images_dir("job1", "b", 2) / "manifest.json").write_text("{}")
-    assert await runner.make_images_dirs([(b, "ck2", 2)]) == set()
-    with pytest.raises(CheckpointError, match="already holds a committed checkpoint"):
-        await runner.run(b, "prepare", "ck2", 2)
-    res = await runner.run(b, "prepare", "ck1", 1, {"images_ready": True})
-    assert res["data"]["seq"] == 1
-    for u, cid in ((a, "ck1"), (b, "ck1")):
-        await runner.run(u, "abort", cid, 1)
+    units = [await start(n) for n in ("a", "b", "c")]
+    alone = await start("d")
+    batch_res = {}
+    for stage in CK_STAGES:
+        out = await runner.run_batch(stage, "ck1", [(u, {"seq": 1, "seal_later": False}) for u in units])
+        assert set(out) == {"a", "b", "c"} and all(isinstance(r, dict) for r in out.values()), out
+        batch_res[stage] = out
+        ref = await runner.run(alone, stage, "ck1", 1, {"seal_later": False})
+        assert {shape(r)[0] for r in out.values()} == {stage}
+        for name, r in out.items():
+            want = shape(ref)[1]
+            got = shape(r)[1]
+            if "images" in want:
+                want = dict(want, images=str(store.images_dir("job1", name, 1)))
+            if "bytes" in want:    # each program's own state file
+                assert got["bytes"] > 0 and got["files"] == want["files"]
+                got, want = {k: v for k, v in got.items() if k != "bytes"}, {k: v for k, v in want.items() if k != "bytes"}
+            assert got == want, (stage, name, got, want)
+        again = await runner.run_batch(stage, "ck1", [(u, {"seq": 1}) for u in units])
+        assert again == out, "a redelivered batch gives the first outcome"
+        assert await runner.run(units[0], stage, "ck1", 1) == out["a"]
+    for u in units:
+        verify = (store.images_dir("job1", u.name, 1) / "manifest.json")
+        assert verify.exists()
+        await wait_for(lambda: stdout(u).count("checkpoint count") == 1 and u.state == "running"
+                       and len(counts(u)) > 5)
+    # a batch after run(): the first outcome, nothing run again
+    await runner.run(alone, "prepare", "ck2", 2)
+    out = await runner.run_batch("prepare", "ck2", [(alone, {"seq": 2}), (units[0], {"seq": 2})])
+    assert set(out) == {"d", "a"} and stdout(alone).count("checkpoint count") == 2
+    for u in (alone, units[0]):
+        await runner.run(u, "abort", "ck2", 2)
+
+
+async def test_batch_failures_stay_with_their_unit(env, tmp_path):
+    """In one batch: a dead unit, a failing job-file callback and a healthy unit.  Each failure
+    is that unit's one-line error, remembered like run()'s; the healthy unit goes on."""
+    store, runner, start = env
+    ok = await start("ok")
+    dead = await start("dead")
+    log = tmp_path / "calls"
+    bad = await start("bad", callbacks={"pre_checkpoint": ["sh", "-c", f"echo x >> {log}; echo nope >&2; exit 2"]})
+    os.kill(dead.root_pid, signal.SIGKILL)
+    await dead.wait(3)
+    out = await runner.run_batch("prepare", "ck1", [(u, {"seq": 1}) for u in (ok, dead, bad)])
+    assert isinstance(out["ok"], dict) and out["ok"]["data"]["seq"] == 1
+    assert isinstance(out["dead"], CheckpointError) and "prepare: unit dead is not running" in str(out["dead"])
+    assert isinstance(out["bad"], CheckpointError)
+    assert re.search(r"pre_checkpoint callback 'sh' failed \(exit code 2\): nope", str(out["bad"]))
+    with pytest.raises(CheckpointError, match="exit code 2"):
+        await runner.run(bad, "prepare", "ck1", 1)
+    assert log.read_text() == "x\n", "a failure is remembered, not retried"
+    assert stdout(bad).count("checkpoint count") == 0, "no state saved after a failed callback"
+    out = await runner.run_batch("stop", "ck1", [(ok, {"seq": 1})])
+    assert ok.state == "stopped"
+    for u in (ok, bad):
+        await runner.run(u, "abort", "ck1", 1)
+    assert ok.state == "running" and not store.images_dir("job1", "ok", 1).exists()
+
+
+async def test_batch_request_timeout_is_per_program(env, tmp_path):
+    """A program that never answers CHECKPOINT fails its own unit after the backend's timeout;
+    the others answered in time; the late answer is discarded and the unit can be aborted."""
+    store, runner, start = env
+    backend = runner.backend("app")
+    backend.timeout = 0.5
+    fast = await start("fast")
+    slow = await start("slow")
+    os.kill(slow.root_pid, signal.SIGSTOP)      # it cannot answer until SIGCONT
+    t0 = time.monotonic()
+    out = await runner.run_batch("prepare", "ck1", [(u, {"seq": 1}) for u in (fast, slow)])
+    assert time.monotonic() - t0 < 1.4
+    os.kill(slow.root_pid, signal.SIGCONT)      # its DONE comes late, and is discarded
+    assert isinstance(out["fast"], dict)
+    assert isinstance(out["slow"], CheckpointError) and "did not answer CHECKPOINT within 0.5 s" in str(out["slow"])
+    backend.timeout = 5.0
+    for u in (fast, slow):
+        await runner.run(u, "abort", "ck1", 1)
+    await wait_for(lambda: len(counts(slow)) > 3 and slow.state == "running")

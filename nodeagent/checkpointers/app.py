@@ -63,7 +63,7 @@ import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from nodeagent.checkpointers.base import (Capabilities, CheckpointError, Checkpointer,
                                           LaunchPlan, RestoreRefused, UnitProcess)
@@ -206,6 +206,65 @@ class _Expired(Exception):
     """A request's deadline passed before its answer came."""
 
 
+async def request_many(reqs: list[tuple[_Conn, str]], timeout: float) -> list[str | BaseException]:
+    """``_Conn.request`` for many connections at once: every request goes out before the
+    first answer is awaited, under one deadline; each answer (or its error) in order.  A
+    connection busy with another request or owing an answer takes the general path."""
+    loop = asyncio.get_running_loop()
+    futs: list[asyncio.Future] = []
+    direct: list[bool] = []
+    for conn, line in reqs:
+        if conn.lock.locked() or conn.skip or conn.closed.is_set():
+            futs.append(asyncio.ensure_future(conn.request(line, timeout)))
+            direct.append(False)
+            continue
+        await conn.lock.acquire()       # free: taken at once, no suspension
+        fut = conn.pending = loop.create_future()
+        futs.append(fut)
+        direct.append(True)
+        try:
+            conn.writer.write(line.encode() + b"\n")
+        except ConnectionError as e:
+            fut.set_exception(CheckpointError(f"program pid {conn.pid}: connection lost ({e})"))
+    timer = loop.call_later(timeout, lambda: [_expire(f) for f, d in zip(futs, direct) if d])
+    try:
+        if futs:
+            await asyncio.wait(futs)
+    finally:
+        timer.cancel()
+        for (conn, _), fut, d in zip(reqs, futs, direct):
+            if not d:
+                if not fut.done():
+                    fut.cancel()
+                continue
+            conn.pending = None
+            if not fut.done() or fut.cancelled() or isinstance(fut.exception(), _Expired):
+                conn.skip += 1      # the program still owes this answer
+                conn.settled.clear()
+                if not fut.done():
+                    fut.cancel()
+            conn.lock.release()
+    out: list[str | BaseException] = []
+    for (conn, line), fut in zip(reqs, futs):
+        exc = fut.exception()
+        if isinstance(exc, _Expired):
+            word = line.split(" ", 1)[0]
+            out.append(CheckpointError(f"program pid {conn.pid} did not answer {word} within {timeout:g} s"))
+        else:
+            out.append(exc if exc is not None else fut.result())
+    return out
+
+
+def _verdict(unit: str, word: str, expect: str, conn: _Conn, ans: str | BaseException) -> CheckpointError | None:
+    """The error a program's answer to ``word`` means for its unit (None: it is ``expect``)."""
+    if isinstance(ans, BaseException):
+        return ans if isinstance(ans, CheckpointError) else CheckpointError(f"unit {unit}: {word} failed: {ans}")
+    if ans != expect:
+        reason = ans[6:] if ans.startswith("ERROR ") else f"unexpected answer {ans[:80]!r}"
+        return CheckpointError(f"unit {unit}: program pid {conn.pid} refused {word}: {reason}")
+    return None
+
+
 def _expire(fut: asyncio.Future) -> None:
     if not fut.done():
         fut.set_exception(_Expired())
@@ -288,13 +347,9 @@ class _Session:
             answers = await asyncio.gather(*(c.request(line, timeout) for c in conns),
                                            return_exceptions=True)
         for conn, ans in zip(conns, answers):
-            if isinstance(ans, BaseException):
-                if isinstance(ans, CheckpointError):
-                    raise ans
-                raise CheckpointError(f"unit {unit}: {word} failed: {ans}")
-            if ans != expect:
-                reason = ans[6:] if ans.startswith("ERROR ") else f"unexpected answer {ans[:80]!r}"
-                raise CheckpointError(f"unit {unit}: program pid {conn.pid} refused {word}: {reason}")
+            err = _verdict(unit, word, expect, conn, ans)
+            if err is not None:
+                raise err
 
     async def close(self) -> None:
         for c in self.conns:
@@ -409,6 +464,68 @@ class AppCheckpointer(Checkpointer):
         await s.wait_connected(self.connect_timeout, unit.name)
         await s.request_all(f"PRE_CHECKPOINT {cid}", "OK", self.timeout, unit.name)
         await s.request_all(f"CHECKPOINT {cid} {images}", "DONE", self.timeout, unit.name)
+
+    async def prepare_many(self, items: list[tuple[UnitProcess, Path]]) -> list[BaseException | None]:
+        """``prepare`` for many units: each request goes to every program before any answer is
+        awaited (stage_batch); each unit's error, or None."""
+        units = [u for u, _ in items]
+        outcomes = await self._request_units(units, lambda u, i: f"PRE_CHECKPOINT {self._ckpt_id(u, items[i][1])}",
+                                             "OK", self.connect_timeout)
+        return await self._request_units(units, lambda u, i: f"CHECKPOINT {self._ckpt_id(u, items[i][1])} {items[i][1]}",
+                                         "DONE", self.connect_timeout, outcomes)
+
+    async def resume_cp_many(self, items: list[tuple[UnitProcess]]) -> list[BaseException | None]:
+        """``resume_cp`` for many units (the post-checkpoint hook of those that have one)."""
+        units = [t[0] for t in items]
+        return await self._request_units(
+            units, lambda u, i: f"POST_CHECKPOINT {getattr(u, 'checkpoint_id', '') or '-'}", "OK", self.timeout)
+
+    async def _request_units(self, units: list[UnitProcess], line_of: Callable[[UnitProcess, int], str],
+                             expect: str, connect_timeout: float,
+                             outcomes: list[BaseException | None] | None = None) -> list[BaseException | None]:
+        """``_Session.request_all`` for each unit not already failed in ``outcomes``: units whose
+        program is connected in one ``request_many``, the others (still connecting) each on
+        the general path, side by side."""
+        outcomes = list(outcomes) if outcomes is not None else [None] * len(units)
+        reqs: list[tuple[_Conn, str]] = []
+        owner: list[int] = []
+        waiting: list[int] = []
+        for i, unit in enumerate(units):
+            if outcomes[i] is not None:
+                continue
+            try:
+                s = self._session(unit)
+            except CheckpointError as e:
+                outcomes[i] = e
+                continue
+            conns = s.live() if s.server is not None else []
+            if not conns:
+                waiting.append(i)
+                continue
+            line = line_of(unit, i)
+            word = line.split(" ", 1)[0]
+            for c in conns:
+                if word not in OPTIONAL_REQUESTS or c.hooks is None or word in c.hooks:
+                    reqs.append((c, line))
+                    owner.append(i)
+        if waiting:
+            async def connect_then_ask(i: int) -> None:
+                s = self._session(units[i])
+                await s.wait_connected(connect_timeout, units[i].name)
+                await s.request_all(line_of(units[i], i), expect, self.timeout, units[i].name)
+
+            done = await asyncio.gather(*(connect_then_ask(i) for i in waiting), return_exceptions=True)
+            for i, res in zip(waiting, done):
+                if isinstance(res, BaseException):
+                    outcomes[i] = res
+        if reqs:
+            answers = await request_many(reqs, self.timeout)
+            for (conn, line), i, ans in zip(reqs, owner, answers):
+                if outcomes[i] is None:
+                    outcomes[i] = _verdict(units[i].name, line.split(" ", 1)[0], expect, conn, ans)
+        return outcomes
+
+    quick_checkpoint = True     # checkpoint() only lists a directory: stage_batch runs it in turn
 
     async def checkpoint(self, unit: UnitProcess, images: Path) -> None:
         """The state was written at prepare; check it is there."""

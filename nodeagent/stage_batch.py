@@ -1,0 +1,313 @@
+"""One checkpoint stage on many units of this agent in one pass (``UnitStageRunner.run_batch``).
+
+``run`` per unit costs a task, a future, a timer and a queue hop per unit and stage, plus a
+trip to a thread for each images directory and manifest; with 64 units on one agent that
+overhead was most of the checkpoint.  Here each stage does its per-unit bookkeeping in plain
+loops and its waiting once for all units:
+
+=============  =============================================================================
+prepare        images directories made in one thread trip; job-file callbacks (units that
+               have one) side by side; backend ``prepare_many`` (app: every program gets
+               CHECKPOINT before the first answer is awaited) or ``prepare`` side by side
+stop           every freezer told to freeze first, then each waited for (the kernel freezes
+               them all meanwhile)
+checkpoint     backends flagged ``quick_checkpoint`` (app: a directory listing) one after the
+               other, the others (CRIU) side by side; manifests, when not sealed later, written
+               in one thread trip
+resume_cp      before_thaw and thaw unit by unit (neither waits), backend ``resume_cp_many``
+               or ``resume_cp`` side by side, job-file callbacks side by side
+=============  =============================================================================
+
+The outcome of each unit is what ``run`` would have given it: the same result or error, the
+same idempotence under redelivery (a unit whose stage already ran, or is running, gets that
+outcome), the same timings in its checkpoint context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from nodeagent.callbacks import run_callback
+from nodeagent.checkpointers.base import CheckpointError
+from orchestrator.store import StoreError, write_manifest
+
+if TYPE_CHECKING:
+    from nodeagent.stages import UnitStageRunner
+
+log = logging.getLogger("gridckpt.stages")
+
+BATCH_STAGES = frozenset({"prepare", "stop", "checkpoint", "resume_cp"})
+
+
+class _Item:
+    """One unit's part of a batch."""
+
+    __slots__ = ("unit", "args", "seq", "fut", "ctx", "data", "error", "t_done")
+
+    def __init__(self, unit: Any, args: dict[str, Any], seq: int | None, fut: asyncio.Future) -> None:
+        self.unit, self.args, self.seq, self.fut = unit, args, seq, fut
+        self.ctx: dict[str, Any] = {}
+        self.data: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+        self.t_done = 0.0
+
+    @property
+    def live(self) -> bool:
+        return self.error is None and self.data is None
+
+    def fail(self, exc: BaseException) -> None:
+        if self.live:
+            self.error, self.t_done = exc, time.monotonic()
+
+    def finish(self, data: dict[str, Any], t_done: float | None = None) -> None:
+        if self.live:
+            self.data, self.t_done = data, t_done or time.monotonic()
+
+
+def _as_checkpoint_error(exc: BaseException, stage: str, item: _Item) -> CheckpointError:
+    """The error ``run`` would have raised for this unit."""
+    if isinstance(exc, CheckpointError):
+        return exc
+    if isinstance(exc, (StoreError, OSError)):
+        return CheckpointError(f"{stage} of {item.unit.name}: {exc}")
+    log.error("stage %s of %s/%s crashed: %r", stage, item.unit.job, item.unit.name, exc)
+    return CheckpointError(f"{stage} of {item.unit.name}: internal error: {type(exc).__name__}: {exc}")
+
+
+async def run_batch(runner: "UnitStageRunner", stage: str, cid: str,
+                    units: list[tuple[Any, dict[str, Any]]]) -> dict[str, dict[str, Any] | CheckpointError]:
+    """``stage`` of checkpoint ``cid`` on every (unit, args): each unit's ``run`` result, or
+    its CheckpointError, by unit name."""
+    if stage not in BATCH_STAGES:
+        raise ValueError(f"stage {stage!r} has no batch form")
+    items: list[_Item] = []
+    earlier: dict[str, asyncio.Future] = {}
+    for unit, args in units:
+        fut = runner.claim(unit, cid, stage)
+        if fut is None:      # ran already, or running: its outcome, as run() would give it
+            earlier[unit.name] = runner.outcome(unit, cid, stage)
+            continue
+        items.append(_Item(unit, args, int(args.get("seq") or 0) or None, fut))
+    t0 = time.monotonic()
+    try:
+        await _BODIES[stage](runner, cid, items)
+    except asyncio.CancelledError:
+        for it in items:
+            if not it.fut.done():
+                runner.unclaim(it.unit, cid, stage)
+                it.fut.cancel()
+        raise
+    except Exception as exc:      # a bug: every unit still gets a one-line answer
+        for it in items:
+            it.fail(exc)
+    out: dict[str, dict[str, Any] | CheckpointError] = {}
+    for it in items:
+        if it.live:   # a body that forgot a unit: never leave its future pending
+            it.fail(RuntimeError("no outcome"))
+        if it.error is not None:
+            err = _as_checkpoint_error(it.error, stage, it)
+            it.fut.set_exception(err)
+            it.fut.exception()   # retrieved: the caller reads it from ``out``
+            out[it.unit.name] = err
+        else:
+            ms = round((it.t_done - t0) * 1000, 3)
+            res = {"stage": stage, "ms": ms, "data": it.data}
+            runner.stage_done(it.unit, cid, stage, ms)
+            it.fut.set_result(res)
+            out[it.unit.name] = dict(res, data=dict(it.data or {}))
+    for name, fut in earlier.items():
+        try:
+            res = await asyncio.shield(fut)
+            out[name] = dict(res, data=dict(res["data"]))
+        except CheckpointError as exc:
+            out[name] = exc
+    return out
+
+
+def _enter(runner: "UnitStageRunner", cid: str, items: list[_Item], stage: str, alive_first: bool) -> list[_Item]:
+    """Each unit's checkpoint context and liveness check, in ``run``'s order; the live ones."""
+    for it in items:
+        try:
+            if alive_first:
+                runner._require_alive(it.unit, stage)
+            it.ctx = runner._context(it.unit, cid, it.seq)
+            if not alive_first and stage != "resume_cp":
+                runner._require_alive(it.unit, stage)
+        except CheckpointError as exc:
+            it.fail(exc)
+    return [it for it in items if it.live]
+
+
+async def _side_by_side(items: list[_Item], call: Callable[[_Item], Awaitable[Any]]) -> list[Any]:
+    """``call`` for every item concurrently; each item's outcome (value or exception)."""
+    if not items:
+        return []
+    if len(items) == 1:
+        try:
+            return [await call(items[0])]
+        except Exception as exc:  # noqa: BLE001 - reported per unit
+            return [exc]
+    return list(await asyncio.gather(*(call(it) for it in items), return_exceptions=True))
+
+
+def _by_backend(runner: "UnitStageRunner", items: list[_Item]) -> dict[int, tuple[Any, list[_Item]]]:
+    groups: dict[int, tuple[Any, list[_Item]]] = {}
+    for it in items:
+        backend = runner.backend_for(it.unit)
+        groups.setdefault(id(backend), (backend, []))[1].append(it)
+    return groups
+
+
+def _has_callback(unit: Any, name: str) -> bool:
+    return (unit.spec.get("callbacks") or {}).get(name) is not None
+
+
+async def _callbacks(runner: "UnitStageRunner", items: list[_Item], name: str, cid: str) -> dict[int, float]:
+    """Job-file callback ``name`` of the units that have one, side by side; ms by item id."""
+    with_cb = [it for it in items if _has_callback(it.unit, name)]
+    results = await _side_by_side(with_cb, lambda it: run_callback(
+        it.unit, name, checkpoint=cid, images=it.ctx["images"],
+        timeout=it.args.get("callback_timeout", runner.callback_timeout)))
+    ms: dict[int, float] = {}
+    for it, res in zip(with_cb, results):
+        if isinstance(res, BaseException):
+            it.fail(res)
+        elif res:
+            ms[id(it)] = res["ms"]
+    return ms
+
+
+async def _backend_calls(runner: "UnitStageRunner", items: list[_Item], method: str,
+                         args: Callable[[_Item], tuple]) -> None:
+    """``backend.<method>`` for every item: ``<method>_many`` when the backend has it, else
+    one call per unit side by side; failures recorded on the items."""
+    for backend, group in _by_backend(runner, items).values():
+        many = getattr(backend, method + "_many", None)
+        if many is not None:
+            outcomes = await many([args(it) for it in group])
+        else:
+            outcomes = await _side_by_side(group, lambda it: getattr(backend, method)(*args(it)))
+        for it, res in zip(group, outcomes):
+            if isinstance(res, BaseException):
+                it.fail(res)
+
+
+async def _prepare(runner: "UnitStageRunner", cid: str, items: list[_Item]) -> None:
+    from nodeagent.stages import _fresh_images_dir
+    live = _enter(runner, cid, items, "prepare", alive_first=True)
+    need_dir = live
+    if need_dir:
+        def make() -> list[BaseException | None]:
+            errors: list[BaseException | None] = []
+            for it in need_dir:
+                try:
+                    _fresh_images_dir(it.ctx["images"])
+                    errors.append(None)
+                except (CheckpointError, OSError) as exc:
+                    errors.append(exc)
+            return errors
+        for it, exc in zip(need_dir, await asyncio.to_thread(make)):
+            if exc is not None:
+                it.fail(exc)
+    live = [it for it in live if it.live]
+    for it in live:
+        it.unit.checkpoint_id = cid
+    cb_ms = await _callbacks(runner, live, "pre_checkpoint", cid)
+    live = [it for it in live if it.live]
+    await _backend_calls(runner, live, "prepare", lambda it: (it.unit, it.ctx["images"]))
+    for it in live:
+        extra = {"callback_ms": cb_ms[id(it)]} if id(it) in cb_ms else {}
+        it.finish({"images": str(it.ctx["images"]), "seq": it.ctx["seq"], **extra})
+
+
+async def _stop(runner: "UnitStageRunner", cid: str, items: list[_Item]) -> None:
+    live = _enter(runner, cid, items, "stop", alive_first=False)
+    for it in live:     # every freezer starts at once; the waits below mostly find it done
+        start = getattr(getattr(it.unit, "freezer", None), "start_freeze", None)
+        if start is not None:
+            start()
+    for it in live:
+        try:
+            await it.unit.freeze()
+        except CheckpointError as exc:
+            it.fail(exc)
+            continue
+        it.finish({})
+
+
+async def _checkpoint(runner: "UnitStageRunner", cid: str, items: list[_Item]) -> None:
+    live = _enter(runner, cid, items, "checkpoint", alive_first=False)
+    backend_ms: dict[int, float] = {}
+
+    async def one(it: _Item) -> None:
+        t = time.monotonic()
+        await runner.backend_for(it.unit).checkpoint(it.unit, it.ctx["images"])
+        backend_ms[id(it)] = round((time.monotonic() - t) * 1000, 3)
+
+    for backend, group in _by_backend(runner, live).values():
+        if getattr(backend, "quick_checkpoint", False):
+            outcomes: list[Any] = []
+            for it in group:
+                try:
+                    outcomes.append(await one(it))
+                except Exception as exc:  # noqa: BLE001 - reported per unit
+                    outcomes.append(exc)
+        else:
+            outcomes = await _side_by_side(group, one)
+        for it, res in zip(group, outcomes):
+            if isinstance(res, BaseException):
+                it.fail(res)
+    to_seal: list[tuple[_Item, dict[str, Any]]] = []
+    for it in live:
+        if not it.live:
+            continue
+        backend = runner.backend_for(it.unit)
+        meta = {"checkpointer": backend.name, "node": runner.node, "job": it.unit.job,
+                "unit": it.unit.name, "seq": it.ctx["seq"], "checkpoint": cid,
+                "stages_ms": dict(it.ctx["stages_ms"], checkpoint=backend_ms[id(it)]),
+                "command": list(it.unit.spec.get("command") or [])}
+        if it.args.get("seal_later"):
+            it.ctx["unsealed"] = meta
+            it.finish({"images": str(it.ctx["images"]), "seq": it.ctx["seq"],
+                       "backend_ms": backend_ms[id(it)], "sealed": False})
+        else:
+            to_seal.append((it, meta))
+    if to_seal:
+        def write_all() -> list[Any]:
+            out: list[Any] = []
+            for it, meta in to_seal:
+                try:
+                    out.append(write_manifest(it.ctx["images"], meta, not it.args.get("defer_sync")))
+                except StoreError as exc:
+                    out.append(CheckpointError(f"checkpoint of {it.unit.name}: manifest: {exc}"))
+            return out
+        for (it, _), manifest in zip(to_seal, await asyncio.to_thread(write_all)):
+            if isinstance(manifest, BaseException):
+                it.fail(manifest)
+            else:
+                it.finish({"bytes": manifest["bytes"], "files": len(manifest["files"]),
+                           "images": str(it.ctx["images"]), "seq": it.ctx["seq"],
+                           "backend_ms": backend_ms[id(it)]})
+
+
+async def _resume_cp(runner: "UnitStageRunner", cid: str, items: list[_Item]) -> None:
+    live = _enter(runner, cid, items, "resume_cp", alive_first=False)
+    for it in live:     # neither waits for the program: one after the other
+        try:
+            await runner.backend_for(it.unit).before_thaw(it.unit)
+            await it.unit.thaw()
+        except CheckpointError as exc:
+            it.fail(exc)
+    live = [it for it in live if it.live]
+    await _backend_calls(runner, live, "resume_cp", lambda it: (it.unit,))
+    live = [it for it in live if it.live]
+    await _callbacks(runner, live, "post_checkpoint", cid)
+    for it in live:
+        it.finish({"seq": it.ctx["seq"]})
+
+
+_BODIES: dict[str, Callable[["UnitStageRunner", str, list[_Item]], Awaitable[None]]] = {
+    "prepare": _prepare, "stop": _stop, "checkpoint": _checkpoint, "resume_cp": _resume_cp}
