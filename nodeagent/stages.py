@@ -359,9 +359,17 @@ def _verify_politely(images: Path, manifest: dict[str, Any], which: Callable[[st
 
 
 def _fresh_images_dir(images: Path) -> None:
-    """Create the images dir; clear a partial one; refuse to touch a committed one."""
+    """Create the images dir; clear a partial one; refuse to touch a committed one.  The
+    usual case (a new seq, its unit dir there) is one mkdir."""
+    try:
+        os.mkdir(images)
+        return
+    except FileNotFoundError:
+        images.mkdir(parents=True)
+        return
+    except FileExistsError:
+        pass
     if (images / MANIFEST).exists():
         raise CheckpointError(f"{images} already holds a committed checkpoint")
-    if images.exists():
-        shutil.rmtree(images)
+    shutil.rmtree(images)
     images.mkdir(parents=True)

@@ -452,6 +452,11 @@ class Store:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        # the highest seq known used per (job, unit), from a full count or a checkpoint this
+        # Store began: the next one is then checked with one stat, not by listing the unit's
+        # directory (which grows with its history) and reading its marks
+        self._seq_hint: dict[tuple[str, str], int] = {}
+        self._mark_cache: dict[tuple[str, str], tuple[tuple[int, int, int, int], int]] = {}
 
     # -- paths ------------------------------------------------------------
 
@@ -510,11 +515,24 @@ class Store:
             return []
 
     def _last_seq_mark(self, job: str, unit: str) -> int:
+        """The high-water mark of the unit's deleted seq dirs (0: none); re-read only when
+        the mark file changed (one stat otherwise)."""
+        path = self.unit_dir(job, unit) / ".last_seq"
         try:
-            value = read_json(self.unit_dir(job, unit) / ".last_seq")
+            st = os.stat(path)
+        except FileNotFoundError:
+            return 0
+        key, sig = (job, unit), (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        cached = self._mark_cache.get(key)
+        if cached is not None and cached[0] == sig:
+            return cached[1]
+        try:
+            value = read_json(path)
         except (FileNotFoundError, StoreError):
             return 0
-        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+        value = value if isinstance(value, int) and not isinstance(value, bool) else 0
+        self._mark_cache[key] = (sig, value)
+        return value
 
     def next_seq(self, job: str, unit: str) -> int:
         """1 + the highest seq ever used by this unit: existing dirs (committed or
@@ -524,16 +542,31 @@ class Store:
 
     def next_seqs(self, job: str, units: list[str]) -> dict[str, int]:
         """``next_seq`` of several units of one job (the pending markers read once)."""
-        pending = self.pending_checkpoints(job)
         out = {}
+        pending: list[dict[str, Any]] | None = None
         for unit in units:
+            hint = self._seq_hint.get((job, unit))
+            if (hint is not None and not os.path.lexists(self.unit_dir(job, unit) / str(hint + 1))
+                    and self._last_seq_mark(job, unit) <= hint):
+                out[unit] = hint + 1
+                continue
+            if pending is None:
+                pending = self.pending_checkpoints(job)
             highest = max([0, self._last_seq_mark(job, unit), *self._seq_dirs(job, unit)])
             for marker in pending:
                 seq = marker.get("units", {}).get(unit)
                 if isinstance(seq, int):
                     highest = max(highest, seq)
+            self._seq_hint[(job, unit)] = highest
             out[unit] = highest + 1
         return out
+
+    def _seqs_used(self, job: str, seqs: dict[str, int]) -> None:
+        """Raise the seq hints: these seqs are taken (a checkpoint began with them)."""
+        for unit, seq in seqs.items():
+            key = (job, unit)
+            if isinstance(seq, int) and key in self._seq_hint and seq > self._seq_hint[key]:
+                self._seq_hint[key] = seq
 
     def reserve_seq(self, job: str, unit: str) -> int:
         """Hand out a new seq for a unit by creating its (empty) images dir, under a
@@ -548,6 +581,7 @@ class Store:
                     break
                 except FileExistsError:
                     seq += 1
+        self._seqs_used(job, {unit: seq})
         return seq
 
     def _bump_last_seq(self, udir: Path, seq: int) -> None:
@@ -657,6 +691,7 @@ class Store:
         record = {**(meta or {}), "id": ckpt_id, "job": job, "units": units,
                   "state": "pending", "time": time.time()}
         write_json_atomic(path, record)
+        self._seqs_used(job, units)
         return record
 
     def commit_checkpoint(self, job: str, ckpt_id: str, units: dict[str, int],

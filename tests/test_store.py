@@ -521,3 +521,26 @@ def test_committed_checkpoint_by_exact_id_is_what_the_listing_says(store: Store)
     assert store.committed_checkpoint("j", "c1") == store.list_checkpoints("j")[0]
     for missing in ("c", "c2", "broken", "nounits", "zz", "../j", ".hidden", "c2.pending"):
         assert store.committed_checkpoint("j", missing) is None, missing
+
+
+def test_seq_hints_never_hand_out_a_used_seq(tmp_path: Path) -> None:
+    """The orchestrator's Store remembers the highest seq it knows used, to check the next one
+    with a stat instead of a listing.  Seqs used or deleted through another Store on the same
+    root (an agent) must still never come back."""
+    orch, agent = Store(tmp_path / "s"), Store(tmp_path / "s")
+    seq = committed_unit(orch, "j", "a")
+    assert orch.next_seqs("j", ["a"]) == {"a": seq + 1} == orch.next_seqs("j", ["a"]), "not reserved"
+    # an independent checkpoint: the agent makes the dir of the seq it was given, then aborts it
+    nxt = orch.next_seq("j", "a")
+    make_images(agent.images_dir("j", "a", nxt), {"x": b"1"})
+    assert orch.next_seq("j", "a") == nxt + 1
+    assert agent.delete_images("j", "a", nxt)
+    assert orch.next_seq("j", "a") == nxt + 1, "a deleted seq is not handed out again"
+    # a checkpoint begun by this Store: its seqs are taken before any dir exists
+    orch.begin_checkpoint("j", "c1", {"a": nxt + 1})
+    assert orch.next_seq("j", "a") == nxt + 2
+    orch.abort_checkpoint("j", "c1")
+    assert orch.next_seq("j", "a") == nxt + 2
+    # another Store's pending checkpoint (no dir yet), then a fresh Store finds everything
+    agent.begin_checkpoint("j", "c2", {"a": nxt + 2})
+    assert Store(tmp_path / "s").next_seq("j", "a") == nxt + 3
