@@ -195,32 +195,58 @@ async def _backend_calls(runner: "UnitStageRunner", items: list[_Item], method: 
                 it.fail(res)
 
 
+PREPARE_CHUNK = 16   # units whose images directories are made per trip to the thread
+
+
 async def _prepare(runner: "UnitStageRunner", cid: str, items: list[_Item]) -> None:
+    """Images directories are made a chunk at a time, and each chunk's programs are asked
+    as soon as theirs exist: the programs save their state while the thread makes the next
+    chunk's directories."""
     from nodeagent.stages import _fresh_images_dir
     live = _enter(runner, cid, items, "prepare", alive_first=True)
-    need_dir = live
-    if need_dir:
-        def make() -> list[BaseException | None]:
-            errors: list[BaseException | None] = []
-            for it in need_dir:
-                try:
-                    _fresh_images_dir(it.ctx["images"])
-                    errors.append(None)
-                except (CheckpointError, OSError) as exc:
-                    errors.append(exc)
-            return errors
-        for it, exc in zip(need_dir, await asyncio.to_thread(make)):
-            if exc is not None:
-                it.fail(exc)
-    live = [it for it in live if it.live]
-    for it in live:
-        it.unit.checkpoint_id = cid
-    cb_ms = await _callbacks(runner, live, "pre_checkpoint", cid)
-    live = [it for it in live if it.live]
-    await _backend_calls(runner, live, "prepare", lambda it: (it.unit, it.ctx["images"]))
-    for it in live:
-        extra = {"callback_ms": cb_ms[id(it)]} if id(it) in cb_ms else {}
-        it.finish({"images": str(it.ctx["images"]), "seq": it.ctx["seq"], **extra})
+
+    def make(chunk: list[_Item]) -> list[BaseException | None]:
+        errors: list[BaseException | None] = []
+        for it in chunk:
+            try:
+                _fresh_images_dir(it.ctx["images"])
+                errors.append(None)
+            except (CheckpointError, OSError) as exc:
+                errors.append(exc)
+        return errors
+
+    async def ask(chunk: list[_Item]) -> None:
+        cb_ms = await _callbacks(runner, chunk, "pre_checkpoint", cid)
+        chunk = [it for it in chunk if it.live]
+        await _backend_calls(runner, chunk, "prepare", lambda it: (it.unit, it.ctx["images"]))
+        for it in chunk:
+            extra = {"callback_ms": cb_ms[id(it)]} if id(it) in cb_ms else {}
+            it.finish({"images": str(it.ctx["images"]), "seq": it.ctx["seq"], **extra})
+
+    asking: list[asyncio.Future] = []
+    chunks: list[list[_Item]] = []
+    try:
+        for start in range(0, len(live), PREPARE_CHUNK):
+            chunk = live[start:start + PREPARE_CHUNK]
+            for it, exc in zip(chunk, await asyncio.to_thread(make, chunk)):
+                if exc is not None:
+                    it.fail(exc)
+            chunk = [it for it in chunk if it.live]
+            for it in chunk:
+                it.unit.checkpoint_id = cid
+            if chunk:
+                chunks.append(chunk)
+                asking.append(asyncio.ensure_future(ask(chunk)))
+        for chunk, res in zip(chunks, await asyncio.gather(*asking, return_exceptions=True)):
+            if isinstance(res, Exception):     # a bug: the chunk's units answer with it
+                for it in chunk:
+                    it.fail(res)
+            elif isinstance(res, BaseException):
+                raise res
+    except BaseException:
+        for fut in asking:
+            fut.cancel()
+        raise
 
 
 async def _stop(runner: "UnitStageRunner", cid: str, items: list[_Item]) -> None:

@@ -456,6 +456,7 @@ class Store:
         # Store began: the next one is then checked with one stat, not by listing the unit's
         # directory (which grows with its history) and reading its marks
         self._seq_hint: dict[tuple[str, str], int] = {}
+        self._unit_dir_strs: dict[tuple[str, str], str] = {}
         self._mark_cache: dict[tuple[str, str], tuple[tuple[int, int, int, int], int]] = {}
 
     # -- paths ------------------------------------------------------------
@@ -514,10 +515,10 @@ class Store:
         except FileNotFoundError:
             return []
 
-    def _last_seq_mark(self, job: str, unit: str) -> int:
+    def _last_seq_mark(self, job: str, unit: str, udir: str | None = None) -> int:
         """The high-water mark of the unit's deleted seq dirs (0: none); re-read only when
         the mark file changed (one stat otherwise)."""
-        path = self.unit_dir(job, unit) / ".last_seq"
+        path = f"{udir}/.last_seq" if udir is not None else self.unit_dir(job, unit) / ".last_seq"
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -546,10 +547,13 @@ class Store:
         pending: list[dict[str, Any]] | None = None
         for unit in units:
             hint = self._seq_hint.get((job, unit))
-            if (hint is not None and not os.path.lexists(self.unit_dir(job, unit) / str(hint + 1))
-                    and self._last_seq_mark(job, unit) <= hint):
-                out[unit] = hint + 1
-                continue
+            if hint is not None:
+                udir = self._unit_dir_strs.get((job, unit))
+                if udir is None:
+                    udir = self._unit_dir_strs[(job, unit)] = str(self.unit_dir(job, unit))
+                if not os.path.lexists(f"{udir}/{hint + 1}") and self._last_seq_mark(job, unit, udir) <= hint:
+                    out[unit] = hint + 1
+                    continue
             if pending is None:
                 pending = self.pending_checkpoints(job)
             highest = max([0, self._last_seq_mark(job, unit), *self._seq_dirs(job, unit)])
