@@ -230,6 +230,7 @@ class Freezer:
                                  if self.mount else None)
         self.frozen = False
         self._created = False
+        self._freeze_started = False   # start_freeze wrote the request; freeze need not
 
     # -- the cgroup itself -------------------------------------------------------------
     def create(self) -> None:
@@ -336,6 +337,7 @@ class Freezer:
                 _write(os.path.join(self.path, "freezer.state"), "FROZEN")
             else:
                 _write(os.path.join(self.path, "cgroup.freeze"), "1")
+            self._freeze_started = True
         except (OSError, CheckpointError):
             pass
 
@@ -349,14 +351,18 @@ class Freezer:
         if not self._created:   # once: a makedirs per freeze costs two syscalls
             self.create()
         delay = _POLL_FIRST
+        ask, self._freeze_started = not self._freeze_started, False   # start_freeze asked already
         try:
             while True:
                 if self.kind == "v1":
-                    _write(os.path.join(self.path, "freezer.state"), "FROZEN")
+                    if ask:
+                        _write(os.path.join(self.path, "freezer.state"), "FROZEN")
                     done = self._v1_state() == "FROZEN"
                 else:
-                    _write(os.path.join(self.path, "cgroup.freeze"), "1")
+                    if ask:
+                        _write(os.path.join(self.path, "cgroup.freeze"), "1")
                     done = self._v2_frozen()
+                ask = True
                 if done:
                     self.frozen = True
                     return
