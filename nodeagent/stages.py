@@ -306,11 +306,15 @@ class UnitStageRunner:
             raise
         if unit.root_pid is None:
             raise CheckpointError(f"rebuild of {unit.name}: the backend restored no process")
-        # into the unit's cgroup (off the loop: a cgroup move may wait for an RCU grace period;
-        # CRIU's tree was usually born there already) and watched; the backend may reap it
+        # watched (the backend may reap it), and moved into the unit's cgroup in the background
+        # (a cgroup move waits for an RCU grace period: see Unit.attach_soon)
         root = unit.root_pid
-        await asyncio.to_thread(lambda: unit.freezer.attach(tree_pids(root)))
         unit.adopt(root, exit_waiter=getattr(backend, "wait_exit", None), attached=True)
+        attach_soon = getattr(unit, "attach_soon", None)
+        if attach_soon is not None:
+            attach_soon(root)
+        else:
+            await asyncio.to_thread(lambda: unit.freezer.attach(tree_pids(root)))
         if hashing is not None:
             try:
                 await hashing

@@ -16,6 +16,7 @@ from nodeagent.checkpointers import registry
 from nodeagent.checkpointers.app import AppCheckpointer
 from nodeagent.checkpointers.base import CheckpointError, RestoreRefused
 from nodeagent.stages import UnitStageRunner
+from nodeagent.freezer import alive_pids, tree_pids
 from nodeagent.units import Unit
 from orchestrator.store import Store
 
@@ -214,7 +215,8 @@ async def test_criu_unit_through_every_stage_and_back(tmp_path):
         assert await u.wait(3) == "failed"
         reb = await runner.run(u, "rebuild", "rs1", 1)
         assert u.state == "stopped" and reb["data"]["pid"] == u.root_pid
-        if u.freezer_path:
+        if u.freezer_path:    # moved in the background (Unit.attach_soon), before any freeze
+            await u.attached()
             assert set(u.pids()) <= set(u.freezer.cgroup_pids()), "restored tree not in the cgroup"
         await runner.run(u, "resume_rst", "rs1", 1)
         await wait_for(lambda: len(counts(u)) > saved + 5)
@@ -366,3 +368,52 @@ async def test_batch_request_timeout_is_per_program(env, tmp_path):
     for u in (fast, slow):
         await runner.run(u, "abort", "ck1", 1)
     await wait_for(lambda: len(counts(slow)) > 3 and slow.state == "running")
+
+
+FORK_TREE = r"""
+import os, sys, time
+for k in range(3):
+    if os.fork() == 0:
+        n = 0
+        while True:
+            n += 1
+            print(f"child{k} {n}", flush=True)
+            time.sleep(0.01)
+while True:
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.criu
+async def test_a_freeze_right_after_a_restart_holds_the_whole_restored_tree(tmp_path):
+    """A restored tree joins its cgroup in the background (Unit.attach_soon).  A checkpoint's
+    stop that comes at once after the restart still freezes every process of it: the freeze
+    waits for the move."""
+    store = Store(tmp_path / "store")
+    runner = UnitStageRunner(store, node="n1")
+    backend = runner.backend("criu")
+    command = [PY, "-c", FORK_TREE]
+    u = Unit("jobf", "f", {"command": command, "checkpointer": "criu"}, store.unit_dir("jobf", "f"), cwd=tmp_path)
+    lines = lambda: stdout(u).count("\n")  # noqa: E731
+    try:
+        await u.launch(backend.plan_launch(u, command))
+        await wait_for(lambda: lines() > 20)
+        for stage in ("prepare", "stop", "checkpoint", "resume_cp"):
+            await runner.run(u, stage, "ck1", 1)
+        os.kill(u.root_pid, signal.SIGKILL)
+        await u.wait(3)
+        await runner.run(u, "rebuild", "rs1", 1)
+        await runner.run(u, "resume_rst", "rs1", 1)
+        await runner.run(u, "prepare", "ck2", 2)
+        await runner.run(u, "stop", "ck2", 2)
+        if u.freezer_path:
+            tree = set(alive_pids(tree_pids(u.root_pid)))
+            assert len(tree) >= 4, tree      # the namespace's init and its three children
+            inside = set(u.freezer.cgroup_pids())
+            assert tree <= inside, (tree, inside)
+        n = lines()
+        await asyncio.sleep(0.3)
+        assert lines() == n, "a restored process kept running through the stop stage"
+        await runner.run(u, "abort", "ck2", 2)
+    finally:
+        await u.close()

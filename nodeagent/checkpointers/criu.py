@@ -46,9 +46,10 @@ Restart.  check_restorable refuses, naming what differs: a CPU lacking features
 file that is missing or has another content (size+mtime equal, else sha256 compared), an open
 file that is missing, shrank, or (read-only) changed size.  rebuild rolls files back and
 restores with ``--restore-sibling --leave-stopped``: the tree is a child of the agent, stopped;
-unit.root_pid is the restored init's pid in the agent's PID namespace.  The restoring criu is
-moved into the unit's freezer cgroup while it starts (``_into_cgroup``), so the tree is born
-there and no cgroup move follows the restore.  A pidfd watcher reaps
+unit.root_pid is the restored init's pid in the agent's PID namespace.  The tree is born in the
+agent's cgroup; the stage runner moves it into the unit's freezer cgroup afterwards, without
+waiting (Unit.attach_soon: a cgroup move blocks every fork on the host for an RCU grace period,
+and moving criu while it restored slowed the restore by about 4 ms).  A pidfd watcher reaps
 it when it exits (its status via ``exit_code``/``wait_exit``; psutil then sees no process).
 resume_rst sends SIGCONT to every process of the tree.
 """
@@ -289,7 +290,7 @@ class CriuCheckpointer(Checkpointer):
             f"criu restore of unit {unit.name}",
             ["restore", "-D", str(images), "--restore-detached", "--restore-sibling",
              "--leave-stopped", "--pidfile", str(pidfile), *_COMMON],
-            f"restore-{tag}.log", started=lambda pid: self._into_cgroup(unit, pid))
+            f"restore-{tag}.log")
         try:
             pid = int(pidfile.read_text())
         finally:
@@ -299,32 +300,6 @@ class CriuCheckpointer(Checkpointer):
         unit.root_pid = pid
         self._tree_size[pid] = len(meta["pids"])
         self._watch(pid)
-
-    @staticmethod
-    async def _into_cgroup(unit: UnitProcess, criu_pid: int) -> None:
-        """Move the restoring criu into the unit's freezer cgroup, so that the tree it forks is
-        born there.  A cgroup move waits for an RCU grace period (~10 ms here) when none ran
-        lately; done now, that wait overlaps criu's own start-up (its kernel probe) instead of
-        following the restore.  Best effort: whatever is born outside is moved afterwards."""
-        if not unit.freezer_path:
-            return
-
-        def move() -> None:
-            path: str = unit.freezer_path  # type: ignore[assignment]
-            try:
-                for name, running in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
-                    try:
-                        with open(os.path.join(path, name)) as f:
-                            if f.read().strip() != running:
-                                return    # a frozen cgroup would freeze criu mid-restore
-                    except FileNotFoundError:
-                        continue
-                with open(os.path.join(path, "cgroup.procs"), "w") as f:
-                    f.write(str(criu_pid))
-            except OSError:
-                pass   # criu already gone, or no cgroup: the agent attaches the tree itself
-
-        await asyncio.to_thread(move)
 
     async def resume_rst(self, unit: UnitProcess) -> None:
         root = unit.root_pid
