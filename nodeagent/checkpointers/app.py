@@ -179,12 +179,17 @@ class _Conn:
                 raise CheckpointError(f"program pid {self.pid}: connection lost ({e})") from None
             finally:
                 timer.cancel()
-                self.pending = None
-                if not fut.done() or fut.cancelled() or isinstance(fut.exception(), _Expired):
-                    self.skip += 1      # the program still owes this answer
-                    self.settled.clear()
-                    if not fut.done():
-                        fut.cancel()
+                self.request_over(fut)
+
+    def request_over(self, fut: asyncio.Future) -> None:
+        """The request answered by ``fut`` is over: without its answer (timed out, cancelled),
+        the program still owes one, to be discarded when it comes."""
+        self.pending = None
+        if not fut.done() or fut.cancelled() or isinstance(fut.exception(), _Expired):
+            self.skip += 1
+            self.settled.clear()
+            if not fut.done():
+                fut.cancel()
 
 
     async def notify(self, line: str, timeout: float) -> None:
@@ -237,12 +242,7 @@ async def request_many(reqs: list[tuple[_Conn, str]], timeout: float) -> list[st
                 if not fut.done():
                     fut.cancel()
                 continue
-            conn.pending = None
-            if not fut.done() or fut.cancelled() or isinstance(fut.exception(), _Expired):
-                conn.skip += 1      # the program still owes this answer
-                conn.settled.clear()
-                if not fut.done():
-                    fut.cancel()
+            conn.request_over(fut)
             conn.lock.release()
     out: list[str | BaseException] = []
     for (conn, line), fut in zip(reqs, futs):

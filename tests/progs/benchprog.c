@@ -58,20 +58,14 @@ static void tcp_pair(int *a, int *b) {
     close(l);
 }
 
+static void echo_child(int a, int b, long per);
+
 static int pingpong(long rounds) {
     int a, b;
     tcp_pair(&a, &b);
     pid_t p = fork();
-    if (p == 0) {
-        close(a);
-        char c;
-        for (;;) {
-            if (recv(b, &c, 1, 0) != 1)
-                _exit(0);
-            if (send(b, &c, 1, 0) != 1)
-                _exit(1);
-        }
-    }
+    if (p == 0)
+        echo_child(a, b, 0);
     close(b);
     char c = 'x';
     for (long i = 0; i < rounds / 10; i++) /* warm-up */
@@ -174,10 +168,10 @@ struct io {
     ssize_t (*send)(int, const void *, size_t, int);
     ssize_t (*recv)(int, void *, size_t, int);
 };
-static struct io g_io[2]; /* 0: as linked (hooked under the shim), 1: libc's own */
+/* 0: as linked (hooked under the shim), 1: libc's own (ab_init) */
+static struct io g_io[2] = {{read, write, send, recv}, {read, write, send, recv}};
 
 static void ab_init(void) {
-    g_io[0] = (struct io){read, write, send, recv};
     void *libc = dlopen("libc.so.6", RTLD_NOW | RTLD_NOLOAD);
     if (!libc)
         die("dlopen libc.so.6");
@@ -211,23 +205,28 @@ static void ab_report(const double *secs, long blocks, double scale, int rate) {
     printf("hooked %.2f direct %.2f\n", v[0][n[0] / 2], v[1][n[1] / 2]);
 }
 
+/* The ping-pong peer: echo every byte back.  per > 0: in the A/B run, round i (after the
+ * first per, the warm-up) uses block (i - per) / per's functions; else always as linked. */
+static void echo_child(int a, int b, long per) {
+    close(a);
+    char c;
+    for (long i = 0;; i++) {
+        const struct io *io = &g_io[per <= 0 || i < per ? 0 : ab_mode((i - per) / per)];
+        if (io->recv(b, &c, 1, 0) != 1)
+            _exit(0);
+        if (io->send(b, &c, 1, 0) != 1)
+            _exit(1);
+    }
+}
+
 static int ab_pingpong(long rounds, long blocks) {
     ab_init();
     long per = rounds / blocks;
     int a, b;
     tcp_pair(&a, &b);
     pid_t p = fork();
-    if (p == 0) {
-        close(a);
-        char c;
-        for (long i = 0;; i++) {
-            const struct io *io = &g_io[i < per ? 0 : ab_mode((i - per) / per)];
-            if (io->recv(b, &c, 1, 0) != 1)
-                _exit(0);
-            if (io->send(b, &c, 1, 0) != 1)
-                _exit(1);
-        }
-    }
+    if (p == 0)
+        echo_child(a, b, per);
     close(b);
     char c = 'x';
     for (long i = 0; i < per; i++) /* warm-up, hooked */
