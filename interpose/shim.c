@@ -166,17 +166,16 @@ enum { K_UNKNOWN = 0, K_OTHER = 1, K_PENDING = 2, K_CONN = 3 };
 
 enum { LOG_CLOSED = 0, LOG_OPENING = 1, LOG_OPEN = 2, LOG_FAILED = 3 };
 
-/* The globals every hooked call reads share one cache line; the record counter, written
- * for every record, has a line of its own (no false sharing with the read-mostly ones). */
-/* One fd's state, in one half cache line: every hooked transfer on a socket reads its
- * kind and open record together (one page, one line: a context switch between two
- * processes leaves few TLB entries warm, and each page the fast path touches costs a walk). */
+/* One fd's state, in half a cache line: a hooked transfer on a socket reads its kind and
+ * its open record together, from one line instead of two tables. */
 struct fd_entry {
     uint64_t e;                   /* kind | slot | gen: see E_MAKE */
     struct gc_record *open[2];    /* [dir] this process's open record of fd (or NULL) */
     uint64_t pad;
 };
 
+/* The globals every hooked call reads share one cache line; the record counter, written
+ * for every record, has a line of its own (no false sharing with the read-mostly ones). */
 static struct {
     int init_state;               /* 0 none, 1 running, 2 done */
     int enabled;                  /* GRIDCKPT_SHIM_DIR set and usable */

@@ -344,20 +344,17 @@ class NodeAgent:
         """One stage on every unit the ``stages`` message names; their results by unit name."""
         futs: dict[str, asyncio.Future] = {}
         loop = asyncio.get_running_loop()
-        sync = stage == "seal"   # a batch that writes manifests is made durable with one syncfs
+        # a batch that writes manifests is made durable with one syncfs (see _made_durable)
+        sync = stage == "seal" or (stage == "checkpoint" and any(
+            not (a.get("seal_later") if isinstance(a, dict) else False) for a in msg["units"].values()))
         batch = self._batchable(msg, stage)
         if batch is not None:
             for _, _, args in batch:
-                if stage == "checkpoint" and not args.get("seal_later"):
-                    sync = True
                 if stage in ("checkpoint", "seal"):
                     args["defer_sync"] = True
-            results = await self._stage_batch(msg, stage, batch)
-            return await self._made_durable(results, sync)
+            return await self._made_durable(await self._stage_batch(msg, stage, batch), sync)
         for name, args in msg["units"].items():
             args = dict(args) if isinstance(args, dict) else {}
-            if stage == "checkpoint" and not args.get("seal_later"):
-                sync = True
             if stage in ("checkpoint", "seal"):
                 args["defer_sync"] = True
             futs[str(name)] = fut = loop.create_future()

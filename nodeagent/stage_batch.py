@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from nodeagent.callbacks import run_callback
 from nodeagent.checkpointers.base import CheckpointError
-from orchestrator.store import StoreError, write_manifest
+from orchestrator.store import StoreError
 
 if TYPE_CHECKING:
     from nodeagent.stages import UnitStageRunner
@@ -62,9 +62,9 @@ class _Item:
         if self.live:
             self.error, self.t_done = exc, time.monotonic()
 
-    def finish(self, data: dict[str, Any], t_done: float | None = None) -> None:
+    def finish(self, data: dict[str, Any]) -> None:
         if self.live:
-            self.data, self.t_done = data, t_done or time.monotonic()
+            self.data, self.t_done = data, time.monotonic()
 
 
 def _as_checkpoint_error(exc: BaseException, stage: str, item: _Item) -> CheckpointError:
@@ -290,15 +290,10 @@ async def _checkpoint(runner: "UnitStageRunner", cid: str, items: list[_Item]) -
     for it in live:
         if not it.live:
             continue
-        backend = runner.backend_for(it.unit)
-        meta = {"checkpointer": backend.name, "node": runner.node, "job": it.unit.job,
-                "unit": it.unit.name, "seq": it.ctx["seq"], "checkpoint": cid,
-                "stages_ms": dict(it.ctx["stages_ms"], checkpoint=backend_ms[id(it)]),
-                "command": list(it.unit.spec.get("command") or [])}
+        meta = runner.checkpoint_meta(it.unit, cid, it.ctx, backend_ms[id(it)])
         if it.args.get("seal_later"):
             it.ctx["unsealed"] = meta
-            it.finish({"images": str(it.ctx["images"]), "seq": it.ctx["seq"],
-                       "backend_ms": backend_ms[id(it)], "sealed": False})
+            it.finish(runner.checkpoint_data(it.ctx, backend_ms[id(it)]))
         else:
             to_seal.append((it, meta))
     if to_seal:
@@ -306,17 +301,15 @@ async def _checkpoint(runner: "UnitStageRunner", cid: str, items: list[_Item]) -
             out: list[Any] = []
             for it, meta in to_seal:
                 try:
-                    out.append(write_manifest(it.ctx["images"], meta, not it.args.get("defer_sync")))
-                except StoreError as exc:
-                    out.append(CheckpointError(f"checkpoint of {it.unit.name}: manifest: {exc}"))
+                    out.append(runner.manifest_now(it.unit, it.ctx["images"], meta, it.args))
+                except CheckpointError as exc:
+                    out.append(exc)
             return out
         for (it, _), manifest in zip(to_seal, await asyncio.to_thread(write_all)):
             if isinstance(manifest, BaseException):
                 it.fail(manifest)
             else:
-                it.finish({"bytes": manifest["bytes"], "files": len(manifest["files"]),
-                           "images": str(it.ctx["images"]), "seq": it.ctx["seq"],
-                           "backend_ms": backend_ms[id(it)]})
+                it.finish(runner.checkpoint_data(it.ctx, backend_ms[id(it)], manifest))
 
 
 async def _resume_cp(runner: "UnitStageRunner", cid: str, items: list[_Item]) -> None:

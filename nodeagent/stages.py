@@ -192,16 +192,37 @@ class UnitStageRunner:
         t0 = time.monotonic()
         await backend.checkpoint(unit, images)
         backend_ms = round((time.monotonic() - t0) * 1000, 3)
-        meta = {"checkpointer": backend.name, "node": self.node, "job": unit.job,
+        meta = self.checkpoint_meta(unit, cid, ctx, backend_ms)
+        if args.get("seal_later"):
+            ctx["unsealed"] = meta
+            return self.checkpoint_data(ctx, backend_ms)
+        manifest = await self._write_manifest(unit, images, meta, args)
+        return self.checkpoint_data(ctx, backend_ms, manifest)
+
+    def checkpoint_meta(self, unit: Any, cid: str, ctx: dict[str, Any], backend_ms: float) -> dict[str, Any]:
+        """What a unit's manifest says besides its files (the checkpoint stage's)."""
+        return {"checkpointer": self.backend_for(unit).name, "node": self.node, "job": unit.job,
                 "unit": unit.name, "seq": ctx["seq"], "checkpoint": cid,
                 "stages_ms": dict(ctx["stages_ms"], checkpoint=backend_ms),
                 "command": list(unit.spec.get("command") or [])}
-        if args.get("seal_later"):
-            ctx["unsealed"] = meta
-            return {"images": str(images), "seq": ctx["seq"], "backend_ms": backend_ms, "sealed": False}
-        manifest = await self._write_manifest(unit, images, meta, args)
-        return {"bytes": manifest["bytes"], "files": len(manifest["files"]),
-                "images": str(images), "seq": ctx["seq"], "backend_ms": backend_ms}
+
+    @staticmethod
+    def checkpoint_data(ctx: dict[str, Any], backend_ms: float,
+                        manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The checkpoint stage's answer: sealed (``manifest`` written) or to be sealed later."""
+        data = {"images": str(ctx["images"]), "seq": ctx["seq"], "backend_ms": backend_ms}
+        if manifest is None:
+            return dict(data, sealed=False)
+        return dict(data, bytes=manifest["bytes"], files=len(manifest["files"]))
+
+    @staticmethod
+    def manifest_now(unit: Any, images: Path, meta: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        """(thread) Write the unit's manifest; CheckpointError naming the unit on failure.
+        ``defer_sync``: the agent makes a whole batch durable with one syncfs before it answers."""
+        try:
+            return write_manifest(images, meta, not args.get("defer_sync"))
+        except StoreError as e:
+            raise CheckpointError(f"checkpoint of {unit.name}: manifest: {e}") from None
 
     async def _seal(self, unit, cid, seq, args) -> dict[str, Any]:
         ctx = self._ctx.get((unit.job, unit.name, cid))
@@ -214,11 +235,7 @@ class UnitStageRunner:
 
     @staticmethod
     async def _write_manifest(unit: Any, images: Path, meta: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
-        try:
-            # defer_sync: the agent makes a whole batch durable with one syncfs before it answers
-            return await asyncio.to_thread(write_manifest, images, meta, not args.get("defer_sync"))
-        except StoreError as e:
-            raise CheckpointError(f"checkpoint of {unit.name}: manifest: {e}") from None
+        return await asyncio.to_thread(UnitStageRunner.manifest_now, unit, images, meta, args)
 
     async def _resume_cp(self, unit, cid, seq, args) -> dict[str, Any]:
         ctx = self._context(unit, cid, seq)

@@ -218,14 +218,7 @@ def test_closer_racing_writers(tmp_path, progs, opts):
 
 
 def test_closer_racing_writers_under_asan(tmp_path, progs):
-    import os
-    import subprocess
-    libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    if not os.path.isabs(libasan):
-        if os.environ.get("CI"):
-            pytest.fail("gcc has no AddressSanitizer runtime (libasan) on this CI machine")
-        pytest.skip("gcc has no AddressSanitizer runtime (libasan) on this machine")
-    preload = f"{os.path.realpath(libasan)}:{interpose.asan_library_path()}"
+    preload = shimlib.asan_preload()
     opts = ["--threads", "3", "--bytes", "150000", "--fork"]
     tailed, lines, unit, _ = run_racer_with_closers(tmp_path, progs["racer"], opts, preload=preload)
     sent = sum(l["sent"] for l in lines)

@@ -26,12 +26,7 @@ def progs(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def asan_preload() -> str:
-    libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    if not os.path.isabs(libasan):
-        if os.environ.get("CI"):  # deploy/test.sh installs gcc with its libasan: CI must run these
-            pytest.fail("gcc has no AddressSanitizer runtime (libasan) on this CI machine")
-        pytest.skip("gcc has no AddressSanitizer runtime (libasan) on this machine")
-    return f"{os.path.realpath(libasan)}:{interpose.asan_library_path()}"
+    return shimlib.asan_preload()
 
 
 def run_safety(tmp_path, prog, preload=None):

@@ -181,6 +181,10 @@ class _Conn:
                 timer.cancel()
                 self.request_over(fut)
 
+    def handles(self, word: str) -> bool:
+        """Whether this program wants request ``word`` (the optional ones only if it said so)."""
+        return word not in OPTIONAL_REQUESTS or self.hooks is None or word in self.hooks
+
     def request_over(self, fut: asyncio.Future) -> None:
         """The request answered by ``fut`` is over: without its answer (timed out, cancelled),
         the program still owes one, to be discarded when it comes."""
@@ -334,10 +338,9 @@ class _Session:
     async def request_all(self, line: str, expect: str, timeout: float, unit: str) -> None:
         conns = await self.wait_connected(timeout, unit)
         word = line.split(" ", 1)[0]
-        if word in OPTIONAL_REQUESTS:  # only to the programs that handle it
-            conns = [c for c in conns if c.hooks is None or word in c.hooks]
-            if not conns:
-                return
+        conns = [c for c in conns if c.handles(word)]   # optional requests: only to who handles them
+        if not conns:
+            return
         if len(conns) == 1:     # the usual case: no task per request
             try:
                 answers: list[Any] = [await conns[0].request(line, timeout)]
@@ -505,24 +508,25 @@ class AppCheckpointer(Checkpointer):
             line = line_of(unit, i)
             word = line.split(" ", 1)[0]
             for c in conns:
-                if word not in OPTIONAL_REQUESTS or c.hooks is None or word in c.hooks:
+                if c.handles(word):
                     reqs.append((c, line))
                     owner.append(i)
-        if waiting:
-            async def connect_then_ask(i: int) -> None:
-                s = self._session(units[i])
-                await s.wait_connected(connect_timeout, units[i].name)
-                await s.request_all(line_of(units[i], i), expect, self.timeout, units[i].name)
 
-            done = await asyncio.gather(*(connect_then_ask(i) for i in waiting), return_exceptions=True)
-            for i, res in zip(waiting, done):
-                if isinstance(res, BaseException):
-                    outcomes[i] = res
-        if reqs:
-            answers = await request_many(reqs, self.timeout)
-            for (conn, line), i, ans in zip(reqs, owner, answers):
-                if outcomes[i] is None:
-                    outcomes[i] = _verdict(units[i].name, line.split(" ", 1)[0], expect, conn, ans)
+        async def connect_then_ask(i: int) -> None:
+            s = self._session(units[i])
+            await s.wait_connected(connect_timeout, units[i].name)
+            await s.request_all(line_of(units[i], i), expect, self.timeout, units[i].name)
+
+        # the connected programs are not kept waiting for those still connecting
+        done, answers = await asyncio.gather(
+            asyncio.gather(*(connect_then_ask(i) for i in waiting), return_exceptions=True),
+            request_many(reqs, self.timeout) if reqs else asyncio.sleep(0, []))
+        for i, res in zip(waiting, done):
+            if isinstance(res, BaseException):
+                outcomes[i] = res
+        for (conn, line), i, ans in zip(reqs, owner, answers):
+            if outcomes[i] is None:
+                outcomes[i] = _verdict(units[i].name, line.split(" ", 1)[0], expect, conn, ans)
         return outcomes
 
     quick_checkpoint = True     # checkpoint() only lists a directory: stage_batch runs it in turn

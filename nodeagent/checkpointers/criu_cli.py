@@ -13,7 +13,6 @@ import shutil
 import signal
 import tempfile
 from pathlib import Path
-from typing import Awaitable, Callable
 
 from .base import CheckpointError
 
@@ -40,14 +39,12 @@ def log_error(log: Path) -> str:
     return line.split("): ", 1)[-1].strip() if "): " in line else line.strip()
 
 
-async def spawn_and_wait(argv: list[str], stderr: Path,
-                         started: Callable[[int], Awaitable[None]] | None = None) -> int:
+async def spawn_and_wait(argv: list[str], stderr: Path) -> int:
     """Run ``argv`` as a child of this thread and wait for it without blocking the loop.
 
     posix_spawn plus a pidfd watched by the event loop: asyncio's subprocess machinery
     (a waiter thread per child, pipes) costs several milliseconds more per criu call, which
-    the checkpoint and restart stages cannot afford.  ``started(pid)`` runs alongside the
-    child (and is awaited before this returns).  Returns the exit code (-N: signal N).
+    the checkpoint and restart stages cannot afford.  Returns the exit code (-N: signal N).
     """
     loop = asyncio.get_running_loop()
     actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
@@ -57,7 +54,6 @@ async def spawn_and_wait(argv: list[str], stderr: Path,
     pidfd = os.pidfd_open(pid)
     exited = loop.create_future()
     loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
-    beside = asyncio.ensure_future(started(pid)) if started is not None else None
     try:
         await exited
     except BaseException:
@@ -67,8 +63,6 @@ async def spawn_and_wait(argv: list[str], stderr: Path,
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
-        if beside is not None:
-            await asyncio.gather(beside, return_exceptions=True)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
 
@@ -86,13 +80,11 @@ class CriuRunner:
     def log_path(self, name: str) -> Path:
         return self.work_dir / name
 
-    async def run(self, what: str, args: list[str], log_name: str,
-                  started: Callable[[int], Awaitable[None]] | None = None) -> None:
-        """Run ``criu ARGS -W work_dir -o log_name``; raise CheckpointError on failure.
-        ``started(pid)``: see ``spawn_and_wait``."""
+    async def run(self, what: str, args: list[str], log_name: str) -> None:
+        """Run ``criu ARGS -W work_dir -o log_name``; raise CheckpointError on failure."""
         log = self.log_path(log_name)
         argv = [self.criu, *args, "-W", str(self.work_dir), "-o", log_name, f"-v{self.log_level}"]
-        status = await spawn_and_wait(argv, self.work_dir / (log_name + ".stderr"), started)
+        status = await spawn_and_wait(argv, self.work_dir / (log_name + ".stderr"))
         if status != 0:
             reason = log_error(log)
             if reason.startswith("no log"):
