@@ -37,6 +37,7 @@ from .stages import UnitStageRunner
 from .units import Unit, become_subreaper
 
 log = logging.getLogger("gridckpt.agent")
+HOLD_ANSWER = 0.002   # s a chained stage's answer waits for the next one (see NodeAgent._stages)
 
 
 def _cgroup_root(job: Any, unit: Any) -> int | None:
@@ -100,6 +101,9 @@ class NodeAgent:
         self._save_waiters: list[tuple[int, asyncio.Future]] = []   # (upto, woken once written)
         self._events: asyncio.Queue = asyncio.Queue()
         self._event_task: asyncio.Task | None = None
+        self.hold_answer = HOLD_ANSWER   # see _stages
+        self._chains = 0   # stage chains running: unit events wait for their answers (_stages)
+        self._save_after_chain = False   # and so does the unit list write they asked for
 
     @property
     def queue_name(self) -> str:
@@ -282,14 +286,23 @@ class NodeAgent:
 
     async def _on_unit_state(self, unit: Unit) -> None:
         """A unit changed state: report it in order, without holding up the stage that changed it
-        (freeze and thaw must not wait for a quorum queue's confirm)."""
+        (freeze and thaw must not wait for a quorum queue's confirm).  While a stage chain runs,
+        the reports wait for its answers (the orchestrator learns the same from them), so that
+        publishing them takes no time from the stages nor from their answers."""
         key, row = (unit.job, unit.name), (unit.root_pid, unit.started, unit.ended)
         same_tree = self._saved.get(key) == row   # a freeze or thaw: the unit file stays as it is
         if not same_tree:
             self._saved[key] = row
-            self._save_soon()
+            if self._chains:
+                self._save_after_chain = True
+            else:
+                self._save_soon()
         self._events.put_nowait(self._unit_report(unit, light=same_tree))
-        if self._event_task is None or self._event_task.done():
+        if not self._chains:
+            self._events_soon()
+
+    def _events_soon(self) -> None:
+        if not self._events.empty() and (self._event_task is None or self._event_task.done()):
             self._event_task = asyncio.create_task(self._publish_events())
 
     async def _publish_events(self) -> None:
@@ -321,24 +334,69 @@ class NodeAgent:
         """Stages for several units of this node: ``stage``, then each of ``then`` (the message
         names every unit of the job: this agent keeps the barrier between stages).  Each stage
         runs on every unit (each in its unit's order); a checkpoint batch is made durable with one
-        sync; one message answers each stage.  A stage that fails on any unit, or an abort of the
-        checkpoint, ends the chain: the stages after it are not run."""
+        sync.  A stage that fails on any unit, or an abort of the checkpoint, ends the chain: the
+        stages after it are not run.
+
+        Answers (``stage_results``, each stage with ``wall_ms``, its time on this agent): the
+        last stage's and a failure's at once; a stage followed by another waits up to
+        ``hold_answer`` seconds and leaves with whatever completed meanwhile, as one message
+        (``more``).  So the answers of quick stages (prepare, stop) go out while the next slow
+        one (a CRIU dump) runs, rather than in front of it, and the last answer carries the one
+        before it (checkpoint with resume_cp)."""
         if msg["stage"] == protocol.ABORT_STAGE:
             self._aborted[msg["checkpoint"]] = None
             while len(self._aborted) > 256:
                 self._aborted.popitem(last=False)
-        for stage in [msg["stage"], *msg.get("then", ())]:
-            if stage != msg["stage"] and msg["checkpoint"] in self._aborted:
-                event(log, "stage chain ended by an abort", job=msg["job"], checkpoint=msg["checkpoint"], stage=stage)
-                return
-            results = await self._stage_on_units(msg, stage)
-            # the next stage need not wait for the broker's confirm of this answer
-            self._spawn(self._emit(protocol.REPLIES_KEY, "stage_results", job=msg["job"], node=self.node,
-                                   checkpoint=msg["checkpoint"], stage=stage,
-                                   results={n: {k: v for k, v in r.items() if k in ("ok", "ms", "error", "data")}
-                                            for n, r in results.items()}))
-            if not all(r["ok"] for r in results.values()):
-                return
+        stages = [msg["stage"], *msg.get("then", ())]
+        held: list[dict[str, Any]] = []
+        timer: asyncio.TimerHandle | None = None
+        sent: asyncio.Task | None = None
+
+        def answer() -> None:
+            nonlocal timer, sent
+            if timer is not None:
+                timer.cancel()
+                timer = None
+            if held:
+                first, *more = held
+                sent = self._spawn(self._emit(protocol.REPLIES_KEY, "stage_results", job=msg["job"], node=self.node,
+                                              checkpoint=msg["checkpoint"], **first, **({"more": more} if more else {})))
+                held.clear()
+
+        self._chains += 1
+        try:
+            for i, stage in enumerate(stages):
+                if stage != msg["stage"] and msg["checkpoint"] in self._aborted:
+                    event(log, "stage chain ended by an abort", job=msg["job"], checkpoint=msg["checkpoint"],
+                          stage=stage)
+                    return
+                t0 = time.perf_counter()
+                results = await self._stage_on_units(msg, stage)
+                held.append({"stage": stage, "wall_ms": round((time.perf_counter() - t0) * 1000, 3),
+                             "results": {n: {k: v for k, v in r.items() if k in ("ok", "ms", "error", "data")}
+                                         for n, r in results.items()}})
+                failed = not all(r["ok"] for r in results.values())
+                if failed or i == len(stages) - 1:
+                    answer()
+                    return
+                if timer is None:
+                    timer = asyncio.get_running_loop().call_later(self.hold_answer, answer)
+        finally:
+            answer()   # (a chain ended by an abort or cancelled: what completed is still told)
+            # the unit events wait until the last answer is out: on the broker too they would
+            # hold it up (they go to a quorum queue)
+            if sent is None or sent.done():
+                self._chain_ended()
+            else:
+                sent.add_done_callback(lambda _: self._chain_ended())
+
+    def _chain_ended(self) -> None:
+        self._chains -= 1
+        if not self._chains:
+            if self._save_after_chain:
+                self._save_after_chain = False
+                self._save_soon()
+            self._events_soon()
 
     async def _stage_on_units(self, msg: dict[str, Any], stage: str) -> dict[str, dict[str, Any]]:
         """One stage on every unit the ``stages`` message names; their results by unit name."""
@@ -468,10 +526,11 @@ class NodeAgent:
             self._workers[key] = asyncio.create_task(self._unit_worker(key, q))
         q.put_nowait(msg)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _set_interval(self, unit: Unit, interval: int) -> None:
         """Stamp the unit's next determinants with ``interval`` (a unit under the shim only)."""

@@ -21,7 +21,7 @@ from .bus.base import BusError
 from .control import ControlError
 from .jobs import TERMINAL_UNIT_STATES, JobState, PlacementError, UnitState, place_units
 from .logs import event
-from .store import CorruptCheckpoint, sizes_only, verify_manifest
+from .store import CorruptCheckpoint, verify_manifest
 
 if TYPE_CHECKING:
     from .daemon import Orchestrator
@@ -63,14 +63,26 @@ class Coordinator:
 
     # ----------------------------------------------------------------- stage plumbing
     def on_stage_results(self, msg: dict[str, Any]) -> None:
-        """One agent's answer for all its units of a stage."""
-        for unit, res in msg["results"].items():
+        """One agent's answer for all its units of a stage (and, in ``more``, of the stages of
+        its chain that completed meanwhile; a malformed entry is skipped)."""
+        self._stage_answer(msg["node"], msg["checkpoint"], msg["stage"], msg["results"], msg.get("wall_ms"))
+        more = msg.get("more")
+        for entry in more if isinstance(more, list) else ():
+            if (isinstance(entry, dict) and entry.get("stage") in protocol.STAGES
+                    and isinstance(entry.get("results"), dict)):
+                self._stage_answer(msg["node"], msg["checkpoint"], entry["stage"], entry["results"],
+                                   entry.get("wall_ms"))
+
+    def _stage_answer(self, node: str, ckpt: str, stage: str, results: dict[str, Any], wall_ms: Any) -> None:
+        wall = float(wall_ms) if isinstance(wall_ms, (int, float)) and not isinstance(wall_ms, bool) else None
+        for unit, res in results.items():
             if not isinstance(res, dict) or not isinstance(res.get("ok"), bool):
                 continue
-            fut = self._waiting.get((msg["checkpoint"], unit, msg["stage"]))
+            fut = self._waiting.get((ckpt, unit, stage))
             if fut is not None and not fut.done():
-                fut.set_result({"unit": unit, "node": msg["node"], "ok": res["ok"], "ms": float(res.get("ms") or 0.0),
-                                "error": str(res.get("error") or ""), "data": res.get("data") or {}})
+                fut.set_result({"unit": unit, "node": node, "ok": res["ok"], "ms": float(res.get("ms") or 0.0),
+                                "error": str(res.get("error") or ""), "data": res.get("data") or {},
+                                "wall_ms": wall})
 
     def agent_lost(self, node: str, job: JobState) -> None:
         """Fail the stages waiting on units of a lost agent at once."""
@@ -105,7 +117,9 @@ class Coordinator:
 
         When every unit is on one agent, that agent keeps the barrier: one message names all
         the stages (``then``), it runs each on every unit before the next, stops at the first
-        failure, and answers each stage as it completes.  Otherwise one round trip per stage."""
+        failure, and answers each stage (several in one message when they complete close
+        together: see NodeAgent._stages).  A stage's time is then the agent's (``wall_ms``); the
+        caller's total still counts the bus.  Otherwise one round trip per stage."""
         if len(stages) < 2 or len({(u.site, u.node) for u in units}) != 1:
             for stage in stages:
                 t0 = time.perf_counter()
@@ -123,7 +137,8 @@ class Coordinator:
                 raise StageFailed(f"{stages[0]}: cannot reach agent {node} ({exc})", stages[0]) from None
             for stage in stages:
                 res = await self._collect(futs[stage], stage, timeout)
-                done(stage, res, _ms(t0))
+                walls = [r["wall_ms"] for r in res.values() if r.get("wall_ms") is not None]
+                done(stage, res, round(max(walls), 2) if walls else _ms(t0))
                 t0 = time.perf_counter()
         finally:
             for stage in stages:
@@ -217,7 +232,8 @@ class Coordinator:
         try:
             def begin() -> dict[str, int]:
                 seqs = store.next_seqs(job.id, [u.name for u in units])
-                store.begin_checkpoint(job.id, ckpt_id, seqs)
+                # not fsync'ed: a crash of the host that loses it loses nothing else (see store.py)
+                store.begin_checkpoint(job.id, ckpt_id, seqs, durable=False)
                 return seqs
             seqs = await asyncio.to_thread(begin)
             for u in units:
@@ -445,16 +461,16 @@ class Coordinator:
         store = self.orch.store
         t_all = time.perf_counter()
         # Refuse a damaged checkpoint before touching the running job: with a live unit at stake
-        # every image is hashed here; with none, presence and sizes here and the agents check
-        # the sha256 before anything restored runs (CRIU's page data while CRIU restores).
+        # every image is hashed here.  With none, the agents check presence, sizes and sha256
+        # before anything restored runs (CRIU's page data while CRIU restores).
         verified = any(job.units[n].state not in TERMINAL_UNIT_STATES for n in plan)
         full = job.spec.get("verify_images") == "full"   # else files unchanged since sealed are not re-read
-        try:
-            await asyncio.to_thread(lambda: [verify_manifest(store.images_dir(job.id, n, s), False,
-                                                             None if verified else sizes_only, full)
-                                             for n, s in plan.items() if s])
-        except CorruptCheckpoint as exc:
-            raise ControlError(f"checkpoint {label} of {job.id} is damaged: {exc}") from None
+        if verified:
+            try:
+                await asyncio.to_thread(lambda: [verify_manifest(store.images_dir(job.id, n, s), False, None, full)
+                                                 for n, s in plan.items() if s])
+            except CorruptCheckpoint as exc:
+                raise ControlError(f"checkpoint {label} of {job.id} is damaged: {exc}") from None
         job.busy = "restart"
         job.state = "restarting"
         rst_id = "rst-" + uuid.uuid4().hex[:10]

@@ -60,7 +60,10 @@ MESSAGE_TYPES: dict[str, _F] = {
                    # units at once): maps with the fields above but node
                    "more": (list, False)},
     "stage_results": {"job": (str, True), "node": (str, True), "checkpoint": (str, True),
-                      "stage": (str, True), "results": (dict, True)},
+                      "stage": (str, True), "results": (dict, True),
+                      # the stage's time on the agent (ms); further stages of its chain that
+                      # completed meanwhile: maps with stage, results, wall_ms
+                      "wall_ms": (_NUM, False), "more": (list, False)},
     "pong": {"node": (str, True), "ping": (str, True), "sent": (_NUM, False)},
     # agent -> orchestrator (routing key heartbeat.<site>.<node>)
     "heartbeat": {"node": (str, True), "site": (str, True), "units": (list, True),

@@ -25,7 +25,12 @@ Rules that make it crash-safe:
   images the marker names and then the marker.  An orchestrator started
   again aborts every ``pending_checkpoints`` entry.  A marker whose
   committed record exists (crash between the two steps) is never aborted:
-  it is just removed.
+  it is just removed.  The coordinator writes the marker without fsync (it is
+  on the checkpoint's critical path): a killed orchestrator finds it all the
+  same; a crash of the host may lose it or leave it torn, and then
+  ``remove_partial``, which the orchestrator runs at start too, deletes the
+  images it named (no manifest, named by no record), and ``pending_checkpoints``
+  drops the torn marker.
 * Seqs are never reused: ``next_seq`` counts existing seq dirs (partial ones
   too) and pending markers, and every deletion of a seq dir first raises the
   unit's high-water mark in ``.last_seq``, so a deleted seq is not handed out again.
@@ -680,9 +685,10 @@ class Store:
     # -- coordinated checkpoints (two-phase) ---------------------------------
 
     def begin_checkpoint(self, job: str, ckpt_id: str, units: dict[str, int],
-                         meta: dict[str, Any] | None = None) -> dict[str, Any]:
+                         meta: dict[str, Any] | None = None, durable: bool = True) -> dict[str, Any]:
         """Phase one: record that checkpoint ``ckpt_id`` with these unit seqs is under
-        way (write this before any agent writes images).  Idempotent for the same units."""
+        way (write this before any agent writes images).  Idempotent for the same units.
+        ``durable=False``: not fsync'ed (see the module docstring)."""
         units = {_check_name("unit", u): _check_seq(s) for u, s in units.items()}
         if self._checkpoint_path(job, ckpt_id).exists():
             raise StoreError(f"checkpoint {ckpt_id!r} of job {job!r} is already committed")
@@ -694,7 +700,7 @@ class Store:
             return old
         record = {**(meta or {}), "id": ckpt_id, "job": job, "units": units,
                   "state": "pending", "time": time.time()}
-        write_json_atomic(path, record)
+        write_json_atomic(path, record, durable)
         self._seqs_used(job, units)
         return record
 
@@ -763,7 +769,10 @@ class Store:
         out = []
         for p in self._records(job, pending=True):
             rec = self._read_record(p)
-            if rec is None:
+            if rec is None:   # gone meanwhile, or torn by a crash of the host (not fsync'ed)
+                if p.exists():
+                    log.warning("dropping unreadable pending marker %s", p)
+                    p.unlink(missing_ok=True)
                 continue
             ckpt_id = p.name[: -len(_PENDING_SUFFIX)]
             if (p.parent / f"{ckpt_id}.json").exists():

@@ -109,6 +109,92 @@ async def test_one_agent_keeps_the_barrier(tmp_path: Path) -> None:
         assert all(u.state == "running" for u in cell.orch.jobs[job].units.values())
 
 
+def _spy_agent(agent: NodeAgent) -> list[dict[str, Any]]:
+    """Every stage_results and unit_event the agent publishes, in order."""
+    out: list[dict[str, Any]] = []
+    publish = agent.bus.publish
+
+    async def spy(key: str, msg: dict[str, Any], **kw: Any) -> None:
+        if msg.get("type") in ("stage_results", "unit_event"):
+            out.append(msg)
+        await publish(key, msg, **kw)
+
+    agent.bus.publish = spy  # type: ignore[method-assign]
+    return out
+
+
+def _answered(msgs: list[dict[str, Any]]) -> list[list[str]]:
+    """The stages each stage_results message answers, message by message."""
+    return [[m["stage"], *(e["stage"] for e in m.get("more", ()))] for m in msgs if m["type"] == "stage_results"]
+
+
+async def test_the_agent_answers_a_chain_in_few_messages_and_reports_the_units_after(tmp_path: Path) -> None:
+    """A chained stage's answer waits (``hold_answer``) for the next stage: with a long hold the
+    whole checkpoint chain is one message, each stage timed on the agent (``wall_ms``), and the
+    job's table takes those times; with none, an answer leaves whenever the loop turns.  Either
+    way the units' state reports (frozen, thawed) are published after the chain's last answer."""
+    async with Cell(tmp_path) as cell:
+        job = await cell.submit(["n1", "n1"])
+        agent = cell.agents["n1"]
+        seen = _spy_agent(agent)
+        agent.hold_answer = 30.0
+        ck = await cell.orch.control("checkpoint", {"job": job})
+        await cell.until(lambda: any(m["type"] == "unit_event" for m in seen))
+        answers = [m for m in seen if m["type"] == "stage_results"]
+        assert _answered(answers) == [["prepare", "stop", "checkpoint", "resume_cp"], ["seal"]]
+        chain = [answers[0], *answers[0]["more"]]
+        walls = {e["stage"]: e["wall_ms"] for e in chain}
+        assert all(isinstance(w, float) and w >= 0 for w in walls.values())
+        assert all(ck["stages_ms"][stage] == round(w, 2) for stage, w in walls.items())
+        first_event = next(i for i, m in enumerate(seen) if m["type"] == "unit_event")
+        assert first_event > seen.index(answers[0]), "a unit report went out before the chain's answer"
+        reports = [r for m in seen[first_event:] if m["type"] == "unit_event" for r in [m, *m.get("more", ())]]
+        assert [r["state"] for r in reports if r["unit"] == "u0"][-1] == "running"
+
+        seen.clear()
+        agent.hold_answer = 0.0   # each answer leaves at the next turn of the loop
+        await cell.orch.control("checkpoint", {"job": job})
+        await cell.until(lambda: sum(map(len, _answered(seen))) == 5)
+        assert len(_answered(seen)) > 2
+        assert [stage for answer in _answered(seen) for stage in answer] == [
+            "prepare", "stop", "checkpoint", "resume_cp", "seal"]
+
+
+async def test_a_failing_stage_is_answered_at_once_with_what_was_held(tmp_path: Path) -> None:
+    """u1's pre_checkpoint callback fails under a long hold: the prepare answer (u0 ok, u1
+    failed) leaves at once and the checkpoint aborts without waiting for the hold."""
+    async with Cell(tmp_path) as cell:
+        job = await cell.submit(["n1", "n1"], {"u1": {"callbacks": {"pre_checkpoint": ["sh", "-c", "exit 3"]}}})
+        agent = cell.agents["n1"]
+        seen = _spy_agent(agent)
+        agent.hold_answer = 30.0
+        t0 = time.monotonic()
+        with pytest.raises(ControlError, match="aborted.*u1.*pre_checkpoint"):
+            await cell.orch.control("checkpoint", {"job": job})
+        assert time.monotonic() - t0 < 10
+        answers = [m for m in seen if m["type"] == "stage_results"]
+        assert _answered(answers)[0] == ["prepare"]
+        assert answers[0]["results"]["u0"]["ok"] and not answers[0]["results"]["u1"]["ok"]
+
+
+async def test_malformed_entries_of_a_multi_stage_answer_are_skipped(tmp_path: Path) -> None:
+    """``more`` entries that are not maps of a known stage and its results are ignored; the
+    well-formed ones still complete their stages."""
+    async with Cell(tmp_path) as cell:
+        coord = cell.orch.coordinator
+        loop = asyncio.get_running_loop()
+        waiting = {stage: coord._waiting.setdefault(("ck-x", "u0", stage), loop.create_future())
+                   for stage in ("prepare", "stop")}
+        coord.on_stage_results({"node": "n1", "checkpoint": "ck-x", "stage": "prepare", "wall_ms": "fast",
+                                "results": {"u0": {"ok": True, "ms": 1.0}},
+                                "more": [7, {"stage": "nope", "results": {}}, {"stage": "stop"},
+                                         {"stage": "stop", "results": {"u0": "bad"}},
+                                         {"stage": "stop", "results": {"u0": {"ok": True, "ms": 2.0}}, "wall_ms": 2.5}]})
+        assert waiting["prepare"].result()["wall_ms"] is None
+        assert waiting["stop"].result()["ok"] and waiting["stop"].result()["wall_ms"] == 2.5
+        coord.on_stage_results({"node": "n1", "checkpoint": "ck-x", "stage": "stop", "results": {}, "more": "x"})
+
+
 async def test_two_agents_one_round_trip_per_stage(tmp_path: Path) -> None:
     async with Cell(tmp_path) as cell:
         job = await cell.submit(["n1", "n2"])

@@ -452,6 +452,31 @@ def test_crash_between_commit_and_marker_removal(store: Store) -> None:
     assert [c["id"] for c in store.list_checkpoints("j")] == ["c1"]
 
 
+@pytest.mark.parametrize("left", ["torn", "lost"])
+def test_a_marker_not_fsynced_that_a_host_crash_tore_or_lost(store: Store, left: str) -> None:
+    """The coordinator writes its pending marker without fsync: after a crash of the host the
+    marker may be empty (torn) or gone, while an agent's partial images survived (on another
+    host).  Recovery drops the torn marker and sweeps the images no record names; the
+    committed checkpoint is untouched and the seqs are not handed out again."""
+    keep = committed_unit(store, "j", "a")
+    store.commit_checkpoint("j", "c1", {"a": keep})
+    units = {"a": store.reserve_seq("j", "a")}
+    store.begin_checkpoint("j", "c2", units, durable=False)
+    make_images(store.images_dir("j", "a", units["a"]), {"pages-1.img": b"half"})
+    marker = store.checkpoints_dir("j") / "c2.pending.json"
+    if left == "torn":
+        marker.write_bytes(b"")
+    else:
+        marker.unlink()
+    fresh = Store(store.root)   # the orchestrator started again
+    assert fresh.pending_checkpoints("j") == []
+    assert not marker.exists()
+    assert fresh.remove_partial("j") == [("a", units["a"])]
+    assert [c["id"] for c in fresh.list_checkpoints("j")] == ["c1"]
+    verify_manifest(fresh.images_dir("j", "a", keep))
+    assert fresh.next_seq("j", "a") > units["a"]
+
+
 def test_list_checkpoints_sorted_by_time_and_skips_junk(store: Store) -> None:
     seq = committed_unit(store, "j", "a")
     store.commit_checkpoint("j", "late", {"a": seq}, {"time": 200.0})

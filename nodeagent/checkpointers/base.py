@@ -86,6 +86,10 @@ class Checkpointer(abc.ABC):
     #: Optional ``relpath -> bool``: image files that only reach the restored tree, which stays
     #: stopped until resume_rst, so their sha256 may be checked while ``rebuild`` runs.
     hashed_while_restoring: ClassVar[Callable[[str], bool] | None] = None
+    #: ``rebuild`` itself refuses (RestoreRefused) whatever ``check_restorable`` would, before it
+    #: changes anything: the stage runner then calls check_restorable only when a live tree of
+    #: the unit is at stake (it must be refused before that tree is killed).
+    rebuild_checks: ClassVar[bool] = False
 
     @abc.abstractmethod
     def plan_launch(self, unit: UnitProcess, argv: list[str]) -> LaunchPlan:

@@ -94,6 +94,7 @@ class CriuCheckpointer(Checkpointer):
     name = "criu"
     capabilities = Capabilities(coordinated=True, independent=True, incremental=False,
                                 migration=True, live_tcp=False)
+    rebuild_checks = True    # rebuild runs _check (with the roll-back) before criu restore
 
     def __init__(self, criu: str | None = None, work_dir: Path | None = None, *,
                  snapshot_limit: int = 64 << 20, log_level: int = 2) -> None:
@@ -128,7 +129,7 @@ class CriuCheckpointer(Checkpointer):
             args = ["dump", "-t", str(root), "-D", str(images), "--leave-running", *_COMMON]
             if unit.freezer_path and os.path.isdir(unit.freezer_path):
                 args += ["--freeze-cgroup", unit.freezer_path]
-            log = f"dump-{_safe(unit.job)}-{_safe(unit.name)}.log"
+            log = self._log_name("dump", unit)
             results = await asyncio.gather(
                 self.runner.run(f"criu dump of unit {unit.name}", args, log),
                 asyncio.to_thread(self._scan_and_describe, root, images, cpuinfo),
@@ -284,19 +285,17 @@ class CriuCheckpointer(Checkpointer):
     async def rebuild(self, unit: UnitProcess, images: Path) -> None:
         images = Path(images)
         meta = await self._check(images, roll_back=True)    # cheap: stat()s, cached CPU verdict
-        tag = f"{_safe(unit.job)}-{_safe(unit.name)}-{uuid.uuid4().hex[:8]}"
-        pidfile = self.runner.work_dir / f"restore-{tag}.pid"
+        # the log of the unit's last restore stays (overwritten by the next), as its last dump's does
+        pidfile = self.runner.work_dir / f"restore-{_safe(unit.job)}-{_safe(unit.name)}-{uuid.uuid4().hex[:8]}.pid"
         await self.runner.run(
             f"criu restore of unit {unit.name}",
             ["restore", "-D", str(images), "--restore-detached", "--restore-sibling",
              "--leave-stopped", "--pidfile", str(pidfile), *_COMMON],
-            f"restore-{tag}.log")
+            self._log_name("restore", unit))
         try:
             pid = int(pidfile.read_text())
         finally:
             pidfile.unlink(missing_ok=True)
-        for leftover in (f"restore-{tag}.log", f"restore-{tag}.log.stderr"):
-            self.runner.log_path(leftover).unlink(missing_ok=True)
         unit.root_pid = pid
         self._tree_size[pid] = len(meta["pids"])
         self._watch(pid)
@@ -311,6 +310,10 @@ class CriuCheckpointer(Checkpointer):
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
+
+    @staticmethod
+    def _log_name(what: str, unit: UnitProcess) -> str:
+        return f"{what}-{_safe(unit.job)}-{_safe(unit.name)}.log"
 
     # ------------------------------------------------------- restored processes
     def _watch(self, pid: int) -> None:
