@@ -1,20 +1,26 @@
 #!/usr/bin/env python3
 """Coordinated checkpoint and restart cost, against raw CRIU measured in the same run.
 
-    python bench/bench_checkpoint.py [--broker amqp://guest:guest@localhost/] [--runs 15] [--rounds 3]
+    python bench/bench_checkpoint.py [--broker amqp://guest:guest@localhost/] [--runs 30] [--rounds 3]
                                      [--units 1,4,16,64] [--skip-scaling]
 
 Table 1: one single-process C program with 5 MiB of touched memory (examples/counter.c),
 (a) raw ``criu dump`` / ``criu restore`` on the command line, (b) a gridckpt coordinated
 checkpoint and restart with the orchestrator (in this process) and the agent (its own
 ``gridckpt agent`` daemon, as deployed) talking over amqp://, (c) the same over memory://
-(both in this process); medians of ``--runs`` runs, taken in ``--rounds`` rounds that each measure
-every column (so a drift of the machine's speed weighs on all alike), per stage, like the 2009 table (590 ms to
-checkpoint, 1,665 ms to restart).  ``total`` is the time until every unit runs again (what a
-raw ``criu dump`` gives: images written, not yet hashed nor synced); ``committed`` the time
-until the checkpoint is sealed (sha256 manifests, one syncfs) and listed.  Table 2: the coordinated checkpoint of 1, 4, 16 and 64
-units with the app backend (idle programs that answer at once and save a few bytes of state,
-bench/idle_app.py): the protocol's cost.
+(both in this process); per stage, like the 2009 table (590 ms to checkpoint, 1,665 ms to
+restart).  The baseline (a) is a twin of the unit that raw CRIU takes through the same cycle
+(frozen, dumped, thawed; killed; restored and running again: bench_criu_raw.RawTwin), one
+cycle next to each gridckpt run, in alternating order: both see the same moment of the
+machine.  Medians of ``--runs`` runs per column (the twin: twice as many), taken in
+``--rounds`` rounds that each measure every column, so a drift of the machine's speed weighs
+on all alike; single times on this VM vary by +-20 %, which is why there are that many.
+``backend alone``: the CRIU backend's own stages without the daemons (bench_criu_raw.compare).
+``total`` is the time until every unit runs again (what a raw ``criu dump`` gives: images
+written, not yet hashed nor synced); ``committed`` the time until the checkpoint is sealed
+(sha256 manifests, one syncfs) and listed.  Table 2: the coordinated checkpoint of 1, 4, 16
+and 64 units with the app backend (idle programs that answer at once and save a few bytes of
+state, bench/idle_app.py): the protocol's cost.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from bench_criu_raw import compare  # noqa: E402
+from bench_criu_raw import RawTwin, compare  # noqa: E402
+from nodeagent.checkpointers.criu_cli import find_criu  # noqa: E402
 
 from benchenv import bench_broker  # noqa: E402
 from nodeagent.daemon import NodeAgent  # noqa: E402
@@ -117,8 +124,10 @@ class Embedded:
         return job
 
 
-async def gridckpt_runs(url: str, binary: Path, work: Path, runs: int) -> dict[str, list[float]]:
-    """Checkpoint and restart of the 5 MiB counter through gridckpt, per stage."""
+async def gridckpt_runs(url: str, binary: Path, work: Path, runs: int, twin: RawTwin) -> dict[str, list[float]]:
+    """Checkpoint and restart of the 5 MiB counter through gridckpt, per stage; next to each,
+    the same with raw CRIU on ``twin`` (keys ``raw dump``, ``raw restore``), in alternating
+    order."""
     spec = parse_job({"name": "bench", "stage_timeout": "30s", "units": [{
         "name": "counter", "checkpointer": "criu",
         "command": ["sh", "-c", f'exec {binary} 5 "$GRIDCKPT_UNIT_DIR/out" 20']}]}, "bench").to_dict()
@@ -131,19 +140,29 @@ async def gridckpt_runs(url: str, binary: Path, work: Path, runs: int) -> dict[s
     async with Embedded(url, store) as e:
         job = await e.submit(spec)
         await asyncio.sleep(0.3)
-        for _ in range(runs):
+        for i in range(runs):
+            raw_first = i % 2 == 1
+            if raw_first:
+                add("raw dump", await asyncio.to_thread(twin.dump))
             ck = await e.orch.control("checkpoint", {"job": job})
             add("checkpoint total", ck["total_ms"])
             add("checkpoint committed", ck["committed_ms"])
             for stage, ms in ck["stages_ms"].items():
                 add(f"checkpoint {stage}", ms)
+            if not raw_first:
+                add("raw dump", await asyncio.to_thread(twin.dump))
+            await asyncio.to_thread(twin.kill)
             e.kill_unit(job, "counter")
             while e.orch.jobs[job].units["counter"].state != "failed":
                 await asyncio.sleep(0.005)
+            if raw_first:
+                add("raw restore", await asyncio.to_thread(twin.restore))
             rs = await e.orch.control("restart", {"job": job, "checkpoint": ck["checkpoint"]})
             add("restart total", rs["total_ms"])
             for stage, ms in rs["stages_ms"].items():
                 add(f"restart {stage}", ms)
+            if not raw_first:
+                add("raw restore", await asyncio.to_thread(twin.restore))
             await asyncio.sleep(0.05)
     return out
 
@@ -189,16 +208,20 @@ async def main_async(args: argparse.Namespace) -> int:
         work = Path(tmp)
         binary = work / "counter"
         subprocess.run(["gcc", "-O2", "-o", str(binary), str(REPO / "examples" / "counter.c")], check=True)
-        # In rounds, each measuring every column: a machine whose speed drifts during the run
-        # (a shared VM host) then weighs on the baseline and on gridckpt alike.
-        for r in range(args.rounds):
-            n = args.runs // args.rounds + (1 if r < args.runs % args.rounds else 0)
-            (work / f"r{r}").mkdir()
-            both = await compare(n, 5)  # raw criu and the backend alone, interleaved
-            _extend(raw, both["raw criu"])
-            _extend(backend, both["backend"])
-            _extend(amqp, await gridckpt_runs(args.broker, binary, work / f"r{r}", n))
-            _extend(mem, await gridckpt_runs("memory://bench", binary, work / f"r{r}", n))
+        twin = RawTwin(find_criu(), binary, work / "twin")
+        try:
+            # In rounds, each measuring every column: a machine whose speed drifts during the run
+            # (a shared VM host) then weighs on the baseline and on gridckpt alike.
+            for r in range(args.rounds):
+                n = args.runs // args.rounds + (1 if r < args.runs % args.rounds else 0)
+                (work / f"r{r}").mkdir()
+                _extend(backend, (await compare(max(2, n // 2), 5))["backend"])   # the backend alone
+                for url, into in ((args.broker, amqp), ("memory://bench", mem)):
+                    got = await gridckpt_runs(url, binary, work / f"r{r}", n, twin)
+                    _extend(raw, {"dump": got.pop("raw dump"), "restore": got.pop("raw restore")})
+                    _extend(into, got)
+        finally:
+            twin.close()
         rdump, rrest = med(raw["dump"]), med(raw["restore"])
         alone = {"checkpoint checkpoint": backend["checkpoint"], "restart rebuild": backend["rebuild"],
                  "restart resume_rst": backend["resume_rst"]}
@@ -217,6 +240,7 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"\nTable 1: checkpoint and restart, {args.runs} runs each in {args.rounds} rounds, {cache} CRIU's kdat cache "
               "(2009: 590 ms / 1,665 ms)")
         print(table(rows))
+        print(f"raw criu: {len(raw['dump'])} dumps and restores of the twin, one next to each gridckpt run")
         if not args.skip_scaling:
             counts = [int(x) for x in args.units.split(",")]
             sc = await scaling(args.broker, counts, work)
@@ -252,7 +276,7 @@ def install_kdat_cache() -> bool:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--broker", default=None, help="amqp URL (default: the local broker's gridckpt-bench vhost)")
-    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3,
                     help="split the runs into this many rounds, each measuring raw CRIU, amqp:// and memory://")
     ap.add_argument("--units", default="1,4,16,64")

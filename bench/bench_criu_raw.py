@@ -174,6 +174,68 @@ async def backend_restart(ckpt: CriuCheckpointer, unit: BenchUnit, images: Path)
     return (t1 - t) * 1000, (t2 - t1) * 1000
 
 
+class RawTwin:
+    """Raw CRIU doing what a gridckpt checkpoint and restart do, on a twin of the unit: a
+    counter of its own that is frozen, dumped (timed) and thawed; killed; restored from that
+    dump (timed: ``criu restore``, the tree running again, as after resume_rst), and so on.
+    bench_checkpoint.py runs one cycle of it next to each gridckpt cycle, in alternating order,
+    so that the baseline sees the same moment of the machine and the same history (a tree
+    that was restored before, files that grew since the dump, a kill just before)."""
+
+    def __init__(self, criu: str, binary: Path, work: Path, megabytes: int = 5) -> None:
+        self.criu, self.work = criu, work
+        self.unit = BenchUnit("bench", "twin", work / "twin")
+        launch = CriuCheckpointer(work_dir=work / "twin-criu").plan_launch(
+            self.unit, [str(binary), str(megabytes), str(self.unit.unit_dir / "out"), "20"])
+        self.unit.start(launch.argv)
+        _wait_output(self.unit)
+        self.root = self.unit.init_pid()    # what is dumped: the PID namespace's init
+        self.restored = False               # then it is our child (--restore-sibling)
+        self.n = 0
+        self.images: Path | None = None
+        self.sizes: dict[Path, int] = {}
+
+    def dump(self) -> float:
+        """Freeze (untimed, as the stop stage), ``criu dump`` (timed), thaw; ms."""
+        self.n += 1
+        self.unit.root_pid = self.root
+        self.unit.freeze()
+        ms, self.sizes = raw_dump(self.criu, self.unit, self.work / f"twin-{self.n}", self.work)
+        self.images = self.work / f"twin-{self.n}"
+        self.unit.thaw()
+        return ms
+
+    def kill(self) -> None:
+        """kill -9, and wait until the tree is gone."""
+        os.kill(self.root, signal.SIGKILL)
+        if self.restored:
+            os.waitpid(self.root, 0)
+        else:
+            assert self.unit.proc is not None
+            self.unit.proc.wait(5)
+
+    def restore(self) -> float:
+        """``criu restore`` of the last dump (timed), the tree running again; ms."""
+        assert self.images is not None, "dump first"
+        for path, size in self.sizes.items():
+            os.truncate(path, size)
+        pidfile = self.work / "twin.pid"
+        pidfile.unlink(missing_ok=True)
+        t = time.perf_counter()
+        subprocess.run([self.criu, "restore", "-D", str(self.images), "--restore-detached", "--restore-sibling",
+                        "--manage-cgroups=ignore", "--pidfile", str(pidfile), "-W", str(self.work),
+                        "-o", "twin-restore.log"], check=True)
+        ms = _ms(t)
+        self.root, self.restored = int(pidfile.read_text()), True
+        return ms
+
+    def close(self) -> None:
+        try:
+            self.kill()
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
 async def compare(runs: int = 10, megabytes: int = 5) -> dict[str, dict[str, list[float]]]:
     """Raw CLI and backend, interleaved run by run on one process (same load for both)."""
     criu = find_criu()

@@ -38,6 +38,7 @@ from .units import Unit, become_subreaper
 
 log = logging.getLogger("gridckpt.agent")
 HOLD_ANSWER = 0.002   # s a chained stage's answer waits for the next one (see NodeAgent._stages)
+AFTER_CHAIN = 0.003   # s after a chain's last answer is out before the background work starts
 
 
 def _cgroup_root(job: Any, unit: Any) -> int | None:
@@ -104,6 +105,7 @@ class NodeAgent:
         self.hold_answer = HOLD_ANSWER   # see _stages
         self._chains = 0   # stage chains running: unit events wait for their answers (_stages)
         self._save_after_chain = False   # and so does the unit list write they asked for
+        self._gate: asyncio.Future | None = None   # see background_gate
 
     @property
     def queue_name(self) -> str:
@@ -299,6 +301,9 @@ class NodeAgent:
                 self._save_soon()
         self._events.put_nowait(self._unit_report(unit, light=same_tree))
         if not self._chains:
+            if self._save_after_chain:
+                self._save_after_chain = False
+                self._save_soon()
             self._events_soon()
 
     def _events_soon(self) -> None:
@@ -393,10 +398,30 @@ class NodeAgent:
     def _chain_ended(self) -> None:
         self._chains -= 1
         if not self._chains:
+            asyncio.get_running_loop().call_later(AFTER_CHAIN, self._after_chains)
+
+    def _after_chains(self) -> None:
+        """``AFTER_CHAIN`` after the last chain's last answer went out: the unit list is
+        written, unit events are published and background_gate opens.  The delay leaves the
+        CPU to whoever handles that answer first (on one small host: the orchestrator); it
+        measured 0.3 ms off a restart over amqp against writing the list at once."""
+        gate, self._gate = self._gate, None
+        if gate is not None and not gate.done():
+            gate.set_result(None)
+        if not self._chains:
             if self._save_after_chain:
                 self._save_after_chain = False
                 self._save_soon()
             self._events_soon()
+
+    def background_gate(self) -> asyncio.Future | None:
+        """For background work of a stage (a restored tree's move into its cgroup): a future
+        done once the chains' answers are out, or None when no chain runs."""
+        if not self._chains:
+            return None
+        if self._gate is None:
+            self._gate = asyncio.get_running_loop().create_future()
+        return self._gate
 
     async def _stage_on_units(self, msg: dict[str, Any], stage: str) -> dict[str, dict[str, Any]]:
         """One stage on every unit the ``stages`` message names; their results by unit name."""
@@ -476,6 +501,7 @@ class NodeAgent:
             await self.runner.release(old)
         unit = Unit(job, name, spec, self.store.unit_dir(job, name), cwd=spec.get("cwd") or spec.get("base_dir") or None,
                     on_state=self._on_unit_state)
+        unit.background_gate = self.background_gate
         if spec.get("interpose") or spec.get("protocol") == "independent":
             shim_dir, control = ensure_shim_dir(unit.unit_dir)
             ControlPage(control).close()  # created before the unit maps it

@@ -14,8 +14,9 @@ resume_cp      backend.before_thaw, thaw, backend.resume_cp, job-file post_check
 seal           (after resume_cp, only with ``seal_later``) hash the images and write the
                manifest while the unit runs again; data: bytes, files
 abort          thaw if frozen, backend.abort, delete the partial images
-rebuild        verify the manifest (thread), backend.check_restorable, backend.rebuild:
-               the tree exists again, still frozen; data: pid
+rebuild        verify the manifest and, no live tree at stake, backend.rebuild_files (one
+               thread trip); backend.check_restorable; backend.rebuild: the tree exists
+               again, still frozen; data: pid
 resume_rst     backend.resume_rst, make sure the tree runs, job-file restart callback
 =============  =============================================================================
 
@@ -291,23 +292,28 @@ class UnitStageRunner:
         hash_now = (sizes_only if args.get("verified") else
                     None if later is None else (lambda rel: not later(rel)))
         full = bool(args.get("full_verify"))   # else files unchanged since sealed are not re-read
+        backend = self.backend(wanted)
 
-        def check() -> tuple[dict[str, Any], Callable[[str], bool] | None]:
+        def check() -> tuple[dict[str, Any], Callable[[str], bool] | None, Any]:
+            """(thread) The manifest; what to hash while restoring; with no live tree at stake,
+            the backend's own checks and roll-back (rebuild_files) in the same trip."""
             manifest = verify_manifest(images, False, hash_now, full)
+            prepared = None
+            if not live and manifest.get("checkpointer", wanted) == wanted:
+                prepared = backend.rebuild_files(images)
             if later is None or full:
-                return manifest, later
+                return manifest, later, prepared
             changed = set(changed_since_sealed(images, manifest, later))
-            return manifest, (changed.__contains__ if changed else None)
+            return manifest, (changed.__contains__ if changed else None), prepared
 
         try:
-            manifest, later = await asyncio.to_thread(check)
+            manifest, later, prepared = await asyncio.to_thread(check)
         except CorruptCheckpoint as e:
             raise CheckpointError(f"rebuild of {unit.name}: {e}") from None
         written_by = manifest.get("checkpointer", wanted)
         if written_by != wanted:
             raise RestoreRefused(f"rebuild of {unit.name}: images written by {written_by!r}, "
                                  f"the unit uses {wanted!r}")
-        backend = self.backend(written_by)
         if live or not backend.rebuild_checks:
             await backend.check_restorable(images, manifest)
         if live:
@@ -316,7 +322,7 @@ class UnitStageRunner:
         unit.freezer.create()
         hashing = asyncio.ensure_future(asyncio.to_thread(_verify_politely, images, manifest, later, full)) if later else None
         try:
-            await backend.rebuild(unit, images)
+            await backend.rebuild(unit, images, prepared)
         except BaseException as e:
             unit.mark_failed(f"rebuild failed: {e}")
             if hashing is not None:

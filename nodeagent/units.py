@@ -96,6 +96,10 @@ class Unit:
         self._sid: int | None = None
         self._members: set[int] = set()     # pids seen in the tree, for _reap_zombies
         self._attaching: asyncio.Future | None = None   # attach_soon's move into the cgroup
+        self._attach_go: asyncio.Event | None = None     # ... may start
+        # the agent's gate for background work (attach_soon's move): a future done once it
+        # may start, or None for now
+        self.background_gate: Callable[[], asyncio.Future | None] | None = None
 
     # -- UnitProcess -------------------------------------------------------------------
     @property
@@ -242,9 +246,11 @@ class Unit:
         waited for here.  A cgroup move waits for an RCU grace period (5-13 ms on these
         machines) and meanwhile blocks every fork on the host: done while CRIU restores, it
         slowed the restore by about 4 ms; done before the answer, it added the wait to the
-        restart.  Begun while the restored tree is still stopped, it moves everything; a pass
-        after each move catches what forked meanwhile (a fork during a move waits for it).
-        ``freeze`` and ``kill`` wait for it first."""
+        restart.  It starts once ``background_gate`` allows (the agent: a few milliseconds
+        after the restart's answer is out, so that it takes no CPU from the answer on a small
+        host), or at once when ``attached`` is awaited.  A pass after each move catches what
+        forked meanwhile (a fork during a move waits for it).  ``freeze`` and ``kill`` wait for
+        it first."""
         def move() -> None:
             moved: set[int] = set()
             for _ in range(16):
@@ -257,13 +263,26 @@ class Unit:
 
         if self.freezer.path is None:
             return
-        self._attaching = asyncio.ensure_future(asyncio.to_thread(move))
+        go = self._attach_go = asyncio.Event()
+        gate = self.background_gate() if self.background_gate is not None else None
+        if gate is None:
+            go.set()
+        else:
+            gate.add_done_callback(lambda _: go.set())
+
+        async def when_allowed() -> None:
+            await go.wait()
+            await asyncio.to_thread(move)
+
+        self._attaching = asyncio.ensure_future(when_allowed())
         self._attaching.add_done_callback(lambda f: f.cancelled() or f.exception())   # read in attached()
 
     async def attached(self) -> None:
         """Return once ``attach_soon`` is done; its CheckpointError if the move failed."""
         fut = self._attaching
         if fut is not None:
+            if self._attach_go is not None:
+                self._attach_go.set()    # held for the agent's background: needed now
             if not fut.done():
                 await asyncio.shield(fut)
             if not fut.cancelled() and fut.exception() is not None:

@@ -376,14 +376,21 @@ async def test_refuses_changed_binary_and_foreign_cpu(tmp_path, binaries, units)
         await node2.check_restorable(images, {})
     with pytest.raises(RestoreRefused, match="differs"):
         await node2.rebuild(unit, images)
+    with pytest.raises(RestoreRefused, match=re.escape(f"mapped file {program} differs")):
+        await asyncio.to_thread(node2.rebuild_files, images)    # the stage runner's thread: the same
     assert unit.root_pid is None or not os.path.exists(f"/proc/{unit.root_pid}") or is_zombie(unit.root_pid)
 
     program.write_bytes(binaries["counter"].read_bytes())          # same content, new mtime: accepted
     await node2.check_restorable(images, {})
+    assert isinstance(await asyncio.to_thread(node2.rebuild_files, images), dict)
     cpu = images / "cpuinfo.img"
     cpu.write_bytes(cpu.read_bytes()[:-8] + b"\xff" * 8)           # a CPU with other features
+    # criu must judge that CPU: not in the thread, rebuild does it all
+    assert await asyncio.to_thread(node2.rebuild_files, images) is None
     with pytest.raises(RestoreRefused, match="CPU"):
         await node2.check_restorable(images, {})
+    with pytest.raises(RestoreRefused, match="CPU"):
+        await node2.rebuild(unit, images)
 
 
 async def test_dump_of_a_dead_unit_fails_cleanly(tmp_path, units):

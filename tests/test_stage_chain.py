@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from nodeagent import daemon as daemon_module
 from nodeagent.daemon import NodeAgent
 from nodeagent.units import become_subreaper
 from orchestrator import protocol
@@ -158,6 +159,25 @@ async def test_the_agent_answers_a_chain_in_few_messages_and_reports_the_units_a
         assert len(_answered(seen)) > 2
         assert [stage for answer in _answered(seen) for stage in answer] == [
             "prepare", "stop", "checkpoint", "resume_cp", "seal"]
+
+
+async def test_background_work_waits_for_the_chains_answers(tmp_path: Path) -> None:
+    """background_gate: open (None) when no chain runs; during one, a future that completes
+    AFTER_CHAIN after the last chain's last answer went out, not before."""
+    async with Cell(tmp_path) as cell:
+        agent = cell.agents["n1"]
+        assert agent.background_gate() is None
+        agent._chains += 2            # two chains run
+        gate = agent.background_gate()
+        assert gate is not None and agent.background_gate() is gate
+        agent._chain_ended()
+        await asyncio.sleep(0.05)
+        assert not gate.done(), "opened while a chain still ran"
+        agent._chain_ended()
+        t0 = time.monotonic()
+        await asyncio.wait_for(gate, 5)
+        assert time.monotonic() - t0 >= 0.9 * daemon_module.AFTER_CHAIN
+        assert agent.background_gate() is None
 
 
 async def test_a_failing_stage_is_answered_at_once_with_what_was_held(tmp_path: Path) -> None:

@@ -213,6 +213,14 @@ async def test_criu_unit_through_every_stage_and_back(tmp_path):
         saved = max(counts(u))
         os.kill(u.root_pid, signal.SIGKILL)
         assert await u.wait(3) == "failed"
+        # refused, with nothing restored nor rolled back, while stdout is shorter than checkpointed
+        out = u.unit_dir / "stdout"
+        full = out.read_bytes()
+        out.write_bytes(full[:10])
+        with pytest.raises(RestoreRefused, match=f"file {out} shrank"):
+            await runner.run(u, "rebuild", "rs0", 1)
+        assert out.read_bytes() == full[:10] and not u.pids()
+        out.write_bytes(full)
         reb = await runner.run(u, "rebuild", "rs1", 1)
         assert u.state == "stopped" and reb["data"]["pid"] == u.root_pid
         if u.freezer_path:    # moved in the background (Unit.attach_soon), before any freeze
@@ -385,15 +393,20 @@ while True:
 
 
 @pytest.mark.criu
-async def test_a_freeze_right_after_a_restart_holds_the_whole_restored_tree(tmp_path):
-    """A restored tree joins its cgroup in the background (Unit.attach_soon).  A checkpoint's
-    stop that comes at once after the restart still freezes every process of it: the freeze
-    waits for the move."""
+@pytest.mark.parametrize("gate", ["none", "held"])
+async def test_a_freeze_right_after_a_restart_holds_the_whole_restored_tree(tmp_path, gate):
+    """A restored tree joins its cgroup in the background (Unit.attach_soon), when the
+    agent's background gate opens.  A checkpoint's stop that comes at once after the restart
+    still freezes every process of it: the freeze waits for the move, and starts it if the
+    gate is still closed ("held": a gate that never opens)."""
     store = Store(tmp_path / "store")
     runner = UnitStageRunner(store, node="n1")
     backend = runner.backend("criu")
     command = [PY, "-c", FORK_TREE]
     u = Unit("jobf", "f", {"command": command, "checkpointer": "criu"}, store.unit_dir("jobf", "f"), cwd=tmp_path)
+    if gate == "held":
+        closed = asyncio.get_running_loop().create_future()
+        u.background_gate = lambda: closed
     lines = lambda: stdout(u).count("\n")  # noqa: E731
     try:
         await u.launch(backend.plan_launch(u, command))
@@ -405,7 +418,8 @@ async def test_a_freeze_right_after_a_restart_holds_the_whole_restored_tree(tmp_
         await runner.run(u, "rebuild", "rs1", 1)
         await runner.run(u, "resume_rst", "rs1", 1)
         await runner.run(u, "prepare", "ck2", 2)
-        await runner.run(u, "stop", "ck2", 2)
+        async with asyncio.timeout(20):
+            await runner.run(u, "stop", "ck2", 2)
         if u.freezer_path:
             tree = set(alive_pids(tree_pids(u.root_pid)))
             assert len(tree) >= 4, tree      # the namespace's init and its three children

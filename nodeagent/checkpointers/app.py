@@ -585,7 +585,7 @@ class AppCheckpointer(Checkpointer):
             raise RestoreRefused(f"images in {images} were written by the "
                                  f"{manifest.get('checkpointer')!r} checkpointer, not 'app'")
 
-    async def rebuild(self, unit: UnitProcess, images: Path) -> None:
+    async def rebuild(self, unit: UnitProcess, images: Path, prepared: Any = None) -> None:
         """Start the command afresh with GRIDCKPT_RESTORE=<images>, stopped before it execs."""
         launch = getattr(unit, "launch", None)
         if launch is None:

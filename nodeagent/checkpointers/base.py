@@ -115,9 +115,17 @@ class Checkpointer(abc.ABC):
     async def check_restorable(self, images: Path, manifest: dict[str, Any]) -> None:
         """Raise RestoreRefused if this node cannot restore these images."""
 
+    def rebuild_files(self, images: Path) -> Any:
+        """(thread; no live tree of the unit) The file work ``rebuild`` would begin with
+        (checks, roll-back), done ahead in the stage runner's verification thread: one trip to
+        a thread instead of two.  Its result goes to ``rebuild`` as ``prepared``; None when
+        there is nothing to do ahead (rebuild then does it all).  Raises RestoreRefused."""
+        return None
+
     @abc.abstractmethod
-    async def rebuild(self, unit: UnitProcess, images: Path) -> None:
-        """Restore the unit from ``images``, leaving it frozen or stopped; set unit.root_pid."""
+    async def rebuild(self, unit: UnitProcess, images: Path, prepared: Any = None) -> None:
+        """Restore the unit from ``images``, leaving it frozen or stopped; set unit.root_pid.
+        ``prepared``: what ``rebuild_files`` returned for these images, if it was called."""
 
     @abc.abstractmethod
     async def resume_rst(self, unit: UnitProcess) -> None:

@@ -224,8 +224,7 @@ class CriuCheckpointer(Checkpointer):
         meta, found = await asyncio.to_thread(files)
         problems = found + problems
         if problems:
-            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-            raise RestoreRefused(f"cannot restore {images} on this node: {shown}")
+            raise RestoreRefused(_refusal(images, problems))
         return meta
 
     async def _cpu_problems(self, images: Path) -> list[str]:
@@ -282,9 +281,28 @@ class CriuCheckpointer(Checkpointer):
         resume_rst: its sha256 may be checked while CRIU restores (see stages._rebuild)."""
         return rel.startswith("pages-") and rel.endswith(".img") and "/" not in rel
 
-    async def rebuild(self, unit: UnitProcess, images: Path) -> None:
+    def rebuild_files(self, images: Path) -> dict[str, Any] | None:
+        """(thread) _check with the roll-back, when this node's CPU verdict on the images is
+        known (the usual case): the images' metadata.  None when ``criu cpuinfo check`` must
+        run first (rebuild then does the whole _check)."""
         images = Path(images)
-        meta = await self._check(images, roll_back=True)    # cheap: stat()s, cached CPU verdict
+        try:
+            wanted = (images / CPUINFO_FILE).read_bytes()
+        except OSError:
+            return None
+        if self._cpuinfo is None or (wanted != self._cpuinfo and wanted not in self._cpus_ok):
+            return None
+        meta = _load_meta(images)
+        problems = self._file_problems(meta, images)
+        if problems:
+            raise RestoreRefused(_refusal(images, problems))
+        _roll_back_files(meta, images)
+        return meta
+
+    async def rebuild(self, unit: UnitProcess, images: Path, prepared: Any = None) -> None:
+        images = Path(images)
+        # cheap: stat()s, cached CPU verdict (done already in the stage runner's thread: prepared)
+        meta = prepared if prepared is not None else await self._check(images, roll_back=True)
         # the log of the unit's last restore stays (overwritten by the next), as its last dump's does
         pidfile = self.runner.work_dir / f"restore-{_safe(unit.job)}-{_safe(unit.name)}-{uuid.uuid4().hex[:8]}.pid"
         await self.runner.run(
@@ -372,6 +390,11 @@ class _CwdLock:
 
     def release(self) -> None:
         os.close(self.fd)
+
+
+def _refusal(images: Path, problems: list[str]) -> str:
+    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+    return f"cannot restore {images} on this node: {shown}"
 
 
 def _load_meta(images: Path) -> dict[str, Any]:
