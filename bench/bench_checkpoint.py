@@ -20,7 +20,8 @@ on all alike; single times on this VM vary by +-20 %, which is why there are tha
 written, not yet hashed nor synced); ``committed`` the time until the checkpoint is sealed
 (sha256 manifests, one syncfs) and listed.  Table 2: the coordinated checkpoint of 1, 4, 16
 and 64 units with the app backend (idle programs that answer at once and save a few bytes of
-state, bench/idle_app.py): the protocol's cost.
+state: bench/idle_app.py through nodeagent.appclient, and bench/idle_app.c, whose own share is
+next to nothing): the protocol's cost.
 """
 
 from __future__ import annotations
@@ -167,15 +168,14 @@ async def gridckpt_runs(url: str, binary: Path, work: Path, runs: int, twin: Raw
     return out
 
 
-async def scaling(url: str, counts: list[int], work: Path, runs: int = 5) -> dict[int, float]:
-    """Median coordinated checkpoint time of N app-level units."""
+async def scaling(url: str, counts: list[int], work: Path, command: list[str], runs: int = 9) -> dict[int, float]:
+    """Median coordinated checkpoint time of N app-level units running ``command``."""
     res: dict[int, float] = {}
     for n in counts:
         spec = parse_job({"name": f"scale{n}", "stage_timeout": "60s", "units": [
-            {"name": f"u{i}", "checkpointer": "app",
-             "command": ["python3", str(HERE / "idle_app.py")]}
+            {"name": f"u{i}", "checkpointer": "app", "command": command}
             for i in range(n)]}, "scale").to_dict()
-        async with Embedded(url, work / f"store-scale-{n}-{url.split(':', 1)[0]}") as e:
+        async with Embedded(url, work / f"store-scale-{n}-{Path(command[-1]).name}-{url.split(':', 1)[0]}") as e:
             job = await e.submit(spec)
             await asyncio.sleep(1.0 + n * 0.02)  # every program has said HELLO
             times = []
@@ -201,6 +201,7 @@ def _extend(into: dict[str, list[float]], more: dict[str, list[float]]) -> None:
 
 async def main_async(args: argparse.Namespace) -> int:
     raw: dict[str, list[float]] = {}
+    raw_alone: dict[str, list[float]] = {}
     backend: dict[str, list[float]] = {}
     amqp: dict[str, list[float]] = {}
     mem: dict[str, list[float]] = {}
@@ -215,7 +216,9 @@ async def main_async(args: argparse.Namespace) -> int:
             for r in range(args.rounds):
                 n = args.runs // args.rounds + (1 if r < args.runs % args.rounds else 0)
                 (work / f"r{r}").mkdir()
-                _extend(backend, (await compare(max(2, n // 2), 5))["backend"])   # the backend alone
+                alone = await compare(max(2, n // 2), 5)    # the backend alone, and raw CRIU beside it
+                _extend(backend, alone["backend"])
+                _extend(raw_alone, alone["raw criu"])
                 for url, into in ((args.broker, amqp), ("memory://bench", mem)):
                     got = await gridckpt_runs(url, binary, work / f"r{r}", n, twin)
                     _extend(raw, {"dump": got.pop("raw dump"), "restore": got.pop("raw restore")})
@@ -241,13 +244,20 @@ async def main_async(args: argparse.Namespace) -> int:
               "(2009: 590 ms / 1,665 ms)")
         print(table(rows))
         print(f"raw criu: {len(raw['dump'])} dumps and restores of the twin, one next to each gridckpt run")
+        print(f"raw criu alone in a loop of its own (bench_criu_raw.compare): dump {med(raw_alone['dump']):.1f} ms, "
+              f"restore {med(raw_alone['restore']):.1f} ms")
         if not args.skip_scaling:
             counts = [int(x) for x in args.units.split(",")]
-            sc = await scaling(args.broker, counts, work)
-            rows = [["units (app backend, amqp)", "checkpoint ms", "vs 1 unit"]]
+            idle_c = work / "idle_app"
+            subprocess.run(["gcc", "-O2", "-o", str(idle_c), str(HERE / "idle_app.c")], check=True)
+            py = await scaling(args.broker, counts, work, [sys.executable, str(HERE / "idle_app.py")])
+            c = await scaling(args.broker, counts, work, [str(idle_c)])
+            rows = [["units (app backend, amqp)", "Python program ms", "vs 1 unit", "C program ms", "vs 1 unit"]]
             for n in counts:
-                rows.append([str(n), f"{sc[n]:.1f}", f"{sc[n] / sc[counts[0]]:.2f}x"])
-            print("\nTable 2: coordinated checkpoint time by number of units (median of 5)")
+                rows.append([str(n), f"{py[n]:.1f}", f"{py[n] / py[counts[0]]:.2f}x",
+                             f"{c[n]:.1f}", f"{c[n] / c[counts[0]]:.2f}x"])
+            print("\nTable 2: coordinated checkpoint time by number of units (median of 9), idle programs "
+                  "answering through appclient (idle_app.py) or in C (idle_app.c)")
             print(table(rows))
     return 0
 

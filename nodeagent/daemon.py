@@ -103,8 +103,10 @@ class NodeAgent:
         self._events: asyncio.Queue = asyncio.Queue()
         self._event_task: asyncio.Task | None = None
         self.hold_answer = HOLD_ANSWER   # see _stages
-        self._chains = 0   # stage chains running: unit events wait for their answers (_stages)
-        self._save_after_chain = False   # and so does the unit list write they asked for
+        self._chains = 0   # stage chains running (_stages)
+        self._held_units: set[tuple[str, str]] = set()   # their units, until _after_chains
+        self._held_reports: list[dict[str, Any]] = []    # the held units' state reports, in order
+        self._save_after_chain = False   # a held unit changed what the unit list says
         self._gate: asyncio.Future | None = None   # see background_gate
 
     @property
@@ -246,6 +248,7 @@ class NodeAgent:
             for unit in list(self.units.values()):
                 await unit.close()
                 await self.runner.release(unit)
+        self._release_held()
         if self._event_task is not None:  # the last unit events, in order
             await asyncio.gather(self._event_task, return_exceptions=True)
         await self._publish_events()
@@ -288,22 +291,25 @@ class NodeAgent:
 
     async def _on_unit_state(self, unit: Unit) -> None:
         """A unit changed state: report it in order, without holding up the stage that changed it
-        (freeze and thaw must not wait for a quorum queue's confirm).  While a stage chain runs,
-        the reports wait for its answers (the orchestrator learns the same from them), so that
-        publishing them takes no time from the stages nor from their answers."""
+        (freeze and thaw must not wait for a quorum queue's confirm).  A unit in a running stage
+        chain is held: its reports wait (the orchestrator learns the same from the chain's
+        answers) until AFTER_CHAIN after the last chain's last answer, so that publishing them
+        takes no time from the stages nor from their answers; so does the unit list write its
+        change asks for.  Other units' reports (a unit of another job that died) go at once."""
         key, row = (unit.job, unit.name), (unit.root_pid, unit.started, unit.ended)
         same_tree = self._saved.get(key) == row   # a freeze or thaw: the unit file stays as it is
+        held = key in self._held_units
         if not same_tree:
             self._saved[key] = row
-            if self._chains:
+            if held:
                 self._save_after_chain = True
             else:
                 self._save_soon()
-        self._events.put_nowait(self._unit_report(unit, light=same_tree))
-        if not self._chains:
-            if self._save_after_chain:
-                self._save_after_chain = False
-                self._save_soon()
+        report = self._unit_report(unit, light=same_tree)
+        if held:
+            self._held_reports.append(report)
+        else:
+            self._events.put_nowait(report)
             self._events_soon()
 
     def _events_soon(self) -> None:
@@ -369,6 +375,7 @@ class NodeAgent:
                 held.clear()
 
         self._chains += 1
+        self._held_units.update((msg["job"], str(name)) for name in msg["units"])
         try:
             for i, stage in enumerate(stages):
                 if stage != msg["stage"] and msg["checkpoint"] in self._aborted:
@@ -409,10 +416,18 @@ class NodeAgent:
         if gate is not None and not gate.done():
             gate.set_result(None)
         if not self._chains:
-            if self._save_after_chain:
-                self._save_after_chain = False
-                self._save_soon()
-            self._events_soon()
+            self._release_held()
+
+    def _release_held(self) -> None:
+        """The held units' reports join the queue, in order, and the unit list is written."""
+        self._held_units.clear()
+        for report in self._held_reports:
+            self._events.put_nowait(report)
+        self._held_reports.clear()
+        if self._save_after_chain:
+            self._save_after_chain = False
+            self._save_soon()
+        self._events_soon()
 
     def background_gate(self) -> asyncio.Future | None:
         """For background work of a stage (a restored tree's move into its cgroup): a future

@@ -161,6 +161,25 @@ async def test_the_agent_answers_a_chain_in_few_messages_and_reports_the_units_a
             "prepare", "stop", "checkpoint", "resume_cp", "seal"]
 
 
+async def test_a_unit_outside_the_chain_is_reported_at_once(tmp_path: Path) -> None:
+    """Only the chain's own units are held: a unit of another job on the same agent that dies
+    while a slow chain runs is reported (and seen failed by the orchestrator) before it ends."""
+    async with Cell(tmp_path) as cell:
+        slow = await cell.submit(["n1"], {"u0": {"callbacks": {"pre_checkpoint": ["sleep", "1.5"]}}})
+        other = await cell.submit(["n1"])
+        seen = _spy_agent(cell.agents["n1"])
+        checkpoint = asyncio.ensure_future(cell.orch.control("checkpoint", {"job": slow}))
+        await asyncio.sleep(0.3)
+        os.kill(cell.agents["n1"].units[(other, "u0")].root_pid, signal.SIGKILL)
+
+        def reported() -> bool:   # a unit event, not a heartbeat (those carry states too)
+            return any(r["job"] == other and r["state"] == "failed"
+                       for m in seen if m["type"] == "unit_event" for r in [m, *m.get("more", ())])
+        await cell.until(reported, timeout=1.0)
+        assert not checkpoint.done(), "the slow chain ended first: the test proves nothing"
+        await checkpoint
+
+
 async def test_background_work_waits_for_the_chains_answers(tmp_path: Path) -> None:
     """background_gate: open (None) when no chain runs; during one, a future that completes
     AFTER_CHAIN after the last chain's last answer went out, not before."""
