@@ -116,7 +116,7 @@ def _spy_agent(agent: NodeAgent) -> list[dict[str, Any]]:
     publish = agent.bus.publish
 
     async def spy(key: str, msg: dict[str, Any], **kw: Any) -> None:
-        if msg.get("type") in ("stage_results", "unit_event"):
+        if msg.get("type") in ("stage_results", "unit_event", "heartbeat"):
             out.append(msg)
         await publish(key, msg, **kw)
 
@@ -163,7 +163,8 @@ async def test_the_agent_answers_a_chain_in_few_messages_and_reports_the_units_a
 
 async def test_a_unit_outside_the_chain_is_reported_at_once(tmp_path: Path) -> None:
     """Only the chain's own units are held: a unit of another job on the same agent that dies
-    while a slow chain runs is reported (and seen failed by the orchestrator) before it ends."""
+    while a slow chain runs is reported before it ends.  Heartbeats meanwhile give the chain's
+    unit the light report (no scan of its tree), the others the full one."""
     async with Cell(tmp_path) as cell:
         slow = await cell.submit(["n1"], {"u0": {"callbacks": {"pre_checkpoint": ["sleep", "1.5"]}}})
         other = await cell.submit(["n1"])
@@ -177,6 +178,11 @@ async def test_a_unit_outside_the_chain_is_reported_at_once(tmp_path: Path) -> N
                        for m in seen if m["type"] == "unit_event" for r in [m, *m.get("more", ())])
         await cell.until(reported, timeout=1.0)
         assert not checkpoint.done(), "the slow chain ended first: the test proves nothing"
+        await cell.until(lambda: any(m["type"] == "heartbeat" for m in seen), timeout=1.0)
+        assert not checkpoint.done()
+        beat = next(m for m in seen if m["type"] == "heartbeat")
+        reports = {r["job"]: r for r in beat["units"]}
+        assert "nprocs" not in reports[slow] and "nprocs" in reports[other], reports
         await checkpoint
 
 
