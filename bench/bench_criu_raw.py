@@ -125,15 +125,26 @@ def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000
 
 
+def run_criu(argv: list[str]) -> float:
+    """Run criu as the baseline does: posix_spawn and wait, the leanest launch there is (the
+    backend launches it the same way; subprocess.run costs more); ms, fork to exit."""
+    t = time.perf_counter()
+    pid = os.posix_spawn(argv[0], argv, os.environ)
+    _, status = os.waitpid(pid, 0)
+    ms = _ms(t)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), argv)
+    return ms
+
+
 def raw_dump(criu: str, unit: BenchUnit, images: Path, work: Path) -> tuple[float, dict[Path, int]]:
     """One raw ``criu dump`` of the frozen unit; (ms, sizes of its output files)."""
     images.mkdir()
     sizes = {p: p.stat().st_size for p in (unit.unit_dir / "stdout", unit.unit_dir / "out")}
-    t = time.perf_counter()
-    subprocess.run([criu, "dump", "-t", str(unit.init_pid()), "-D", str(images), "--leave-running",
-                    "--freeze-cgroup", str(unit.freezer_path), "--manage-cgroups=ignore",
-                    "-W", str(work), "-o", "dump.log"], check=True)
-    return _ms(t), sizes
+    ms = run_criu([criu, "dump", "-t", str(unit.init_pid()), "-D", str(images), "--leave-running",
+                   "--freeze-cgroup", str(unit.freezer_path), "--manage-cgroups=ignore",
+                   "-W", str(work), "-o", "dump.log"])
+    return ms, sizes
 
 
 def raw_restore(criu: str, images: Path, sizes: dict[Path, int], work: Path) -> float:
@@ -141,11 +152,9 @@ def raw_restore(criu: str, images: Path, sizes: dict[Path, int], work: Path) -> 
     for path, size in sizes.items():
         os.truncate(path, size)
     pidfile = work / "restored.pid"
-    t = time.perf_counter()
-    subprocess.run([criu, "restore", "-D", str(images), "--restore-detached", "--restore-sibling",
-                    "--manage-cgroups=ignore", "--pidfile", str(pidfile), "-W", str(work),
-                    "-o", "restore.log"], check=True)
-    ms = _ms(t)
+    ms = run_criu([criu, "restore", "-D", str(images), "--restore-detached", "--restore-sibling",
+                   "--manage-cgroups=ignore", "--pidfile", str(pidfile), "-W", str(work),
+                   "-o", "restore.log"])
     pid = int(pidfile.read_text())
     pidfile.unlink()
     os.kill(pid, signal.SIGKILL)
@@ -176,11 +185,12 @@ async def backend_restart(ckpt: CriuCheckpointer, unit: BenchUnit, images: Path)
 
 class RawTwin:
     """Raw CRIU doing what a gridckpt checkpoint and restart do, on a twin of the unit: a
-    counter of its own that is frozen, dumped (timed) and thawed; killed; restored from that
-    dump (timed: ``criu restore``, the tree running again, as after resume_rst), and so on.
+    counter of its own in a freezer cgroup of its own (kept, as a unit's is), frozen, dumped
+    (timed) and thawed; killed; restored from that dump (timed: ``criu restore``, the tree
+    running again, as after resume_rst) and moved back into its cgroup (untimed), and so on.
     bench_checkpoint.py runs one cycle of it next to each gridckpt cycle, in alternating order,
-    so that the baseline sees the same moment of the machine and the same history (a tree
-    that was restored before, files that grew since the dump, a kill just before)."""
+    so that the baseline sees the same moment of the machine and the same history (a tree that
+    was restored before, files that grew since the dump, a kill just before)."""
 
     def __init__(self, criu: str, binary: Path, work: Path, megabytes: int = 5) -> None:
         self.criu, self.work = criu, work
@@ -191,18 +201,32 @@ class RawTwin:
         _wait_output(self.unit)
         self.root = self.unit.init_pid()    # what is dumped: the PID namespace's init
         self.restored = False               # then it is our child (--restore-sibling)
+        self.cgroup = FREEZER / f"gridckpt-bench-twin-{uuid.uuid4().hex[:8]}"
+        self.cgroup.mkdir()
+        self.unit.freezer_path = str(self.cgroup)
+        self._move_in()
         self.n = 0
         self.images: Path | None = None
         self.sizes: dict[Path, int] = {}
 
+    def _move_in(self) -> None:
+        self.unit.root_pid = self.root
+        for pid in self.unit.pids():
+            (self.cgroup / "cgroup.procs").write_text(str(pid))
+
+    def _state(self, state: str) -> None:
+        (self.cgroup / "freezer.state").write_text(state)
+        while (self.cgroup / "freezer.state").read_text().strip() != state:
+            time.sleep(0.001)
+
     def dump(self) -> float:
         """Freeze (untimed, as the stop stage), ``criu dump`` (timed), thaw; ms."""
         self.n += 1
+        self._state("FROZEN")
         self.unit.root_pid = self.root
-        self.unit.freeze()
         ms, self.sizes = raw_dump(self.criu, self.unit, self.work / f"twin-{self.n}", self.work)
         self.images = self.work / f"twin-{self.n}"
-        self.unit.thaw()
+        self._state("THAWED")
         return ms
 
     def kill(self) -> None:
@@ -221,12 +245,11 @@ class RawTwin:
             os.truncate(path, size)
         pidfile = self.work / "twin.pid"
         pidfile.unlink(missing_ok=True)
-        t = time.perf_counter()
-        subprocess.run([self.criu, "restore", "-D", str(self.images), "--restore-detached", "--restore-sibling",
-                        "--manage-cgroups=ignore", "--pidfile", str(pidfile), "-W", str(self.work),
-                        "-o", "twin-restore.log"], check=True)
-        ms = _ms(t)
+        ms = run_criu([self.criu, "restore", "-D", str(self.images), "--restore-detached", "--restore-sibling",
+                       "--manage-cgroups=ignore", "--pidfile", str(pidfile), "-W", str(self.work),
+                       "-o", "twin-restore.log"])
         self.root, self.restored = int(pidfile.read_text()), True
+        self._move_in()
         return ms
 
     def close(self) -> None:
@@ -234,6 +257,12 @@ class RawTwin:
             self.kill()
         except (ProcessLookupError, ChildProcessError):
             pass
+        for _ in range(100):
+            try:
+                self.cgroup.rmdir()
+                return
+            except OSError:
+                time.sleep(0.01)
 
 
 async def compare(runs: int = 10, megabytes: int = 5) -> dict[str, dict[str, list[float]]]:
