@@ -349,3 +349,24 @@ async def test_resume_is_not_waited_for_but_the_next_request_is_in_step(env, tmp
     await runner.run(u2, "prepare", "ck3", 2)             # the next CHECKPOINT waits for it
     assert time.monotonic() - t0 >= 0.2
     await runner.run(u2, "abort", "ck3", 2)
+
+
+async def test_the_c_client_of_the_protocol_checkpoints_twice(env, tmp_path):
+    """bench/idle_app.c, the C client the scaling benchmark uses: it says HELLO with no hooks,
+    saves its pid into <dir>/state on CHECKPOINT and leaves quiescence on RESUME, so a second
+    checkpoint goes through as well; ABORT is answered too."""
+    store, backend, runner, start = env
+    binary = tmp_path / "idle_app"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(binary), str(ROOT / "bench" / "idle_app.c")],
+                   check=True)
+    u = await start("c", [str(binary)])
+    for seq in (1, 2):
+        await checkpoint(runner, u, f"ck{seq}", seq)
+        images = store.images_dir("job1", "c", seq)
+        assert (images / "state").read_text() == str(u.root_pid)
+        manifest = json.loads((images / "manifest.json").read_text())
+        assert manifest["checkpointer"] == "app" and "state" in manifest["files"]
+    await runner.run(u, "prepare", "ck3", 3)
+    await runner.run(u, "abort", "ck3", 3)
+    assert not store.images_dir("job1", "c", 3).exists()
+    assert u.state == "running" and not u.ended
