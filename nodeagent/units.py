@@ -474,11 +474,14 @@ class Unit:
                 p = psutil.Process(pid)
                 if p.status() != psutil.STATUS_ZOMBIE:
                     continue            # alive: keep watching it
-                if p.ppid() == me:
-                    os.waitpid(pid, os.WNOHANG)
+                if p.ppid() != me:
+                    # its parent reaps it, or dies (a tree being killed) and hands it to us:
+                    # keep watching it until it is gone
+                    continue
+                os.waitpid(pid, os.WNOHANG)
             except (psutil.Error, ChildProcessError, OSError):
                 pass
-            self._members.discard(pid)  # dead, reaped here or by its own parent
+            self._members.discard(pid)  # reaped here, or gone
 
     # -- status ------------------------------------------------------------------------
     async def _set_state(self, state: str) -> None:

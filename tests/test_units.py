@@ -283,6 +283,47 @@ asyncio.run(main())
 """
 
 
+ZOMBIE_TREE = r"""
+import os, time
+if os.fork() == 0:
+    time.sleep(0.3)
+    os._exit(0)          # a zombie of its parent, which never waits for it
+while True:
+    time.sleep(1)
+"""
+
+ORPHAN_ZOMBIE_AGENT = r"""
+import asyncio, os, sys, psutil
+from nodeagent.units import Unit, become_subreaper
+from nodeagent.checkpointers.base import LaunchPlan
+async def main():
+    assert become_subreaper()
+    u = Unit("sr", "z", {}, os.path.join(sys.argv[1], "z"))
+    await u.launch(LaunchPlan([sys.executable, "-c", sys.argv[2]]))
+    while len(u.pids()) < 2:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.6)          # the child is now its parent's zombie
+    u._reap_zombies()                 # a pass while its parent lives: not ours to reap yet
+    await u.kill()                    # the parent dies and hands the zombie to us
+    await asyncio.sleep(0.1)
+    zombies = [c.pid for c in psutil.Process().children() if c.status() == psutil.STATUS_ZOMBIE]
+    print("zombies", zombies, flush=True)
+    await u.close()
+asyncio.run(main())
+"""
+
+
+async def test_a_zombie_handed_to_the_agent_by_its_dying_parent_is_reaped(tmp_path):
+    """A member of the tree that is its parent's zombie when a reaping pass runs, and becomes
+    the (subreaper) agent's when that parent is killed, is still reaped."""
+    proc = await asyncio.create_subprocess_exec(
+        PY, "-c", ORPHAN_ZOMBIE_AGENT, str(tmp_path), ZOMBIE_TREE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert out.decode().splitlines() == ["zombies []"]
+
+
 async def test_subreaper_agent_keeps_no_zombies(tmp_path):
     """An agent that is a subreaper adopts the units' orphans; they must not pile up as zombies."""
     proc = await asyncio.create_subprocess_exec(
