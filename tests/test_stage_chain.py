@@ -164,7 +164,7 @@ async def test_the_agent_answers_a_chain_in_few_messages_and_reports_the_units_a
 async def test_a_unit_outside_the_chain_is_reported_at_once(tmp_path: Path) -> None:
     """Only the chain's own units are held: a unit of another job on the same agent that dies
     while a slow chain runs is reported before it ends.  Heartbeats meanwhile give the chain's
-    unit the light report (no scan of its tree), the others the full one."""
+    unit the light report (no scan of its tree), an ended unit the full one (its exit)."""
     async with Cell(tmp_path) as cell:
         slow = await cell.submit(["n1"], {"u0": {"callbacks": {"pre_checkpoint": ["sleep", "1.5"]}}})
         other = await cell.submit(["n1"])
@@ -182,8 +182,28 @@ async def test_a_unit_outside_the_chain_is_reported_at_once(tmp_path: Path) -> N
         assert not checkpoint.done()
         beat = next(m for m in seen if m["type"] == "heartbeat")
         reports = {r["job"]: r for r in beat["units"]}
-        assert "nprocs" not in reports[slow] and "nprocs" in reports[other], reports
+        assert "nprocs" not in reports[slow], reports       # held: light
+        assert reports[other]["state"] == "failed" and "nprocs" in reports[other], reports   # ended: full
         await checkpoint
+
+
+async def test_heartbeats_scan_each_unit_in_turn(tmp_path: Path) -> None:
+    """A heartbeat scans the trees of a fifth of the live units (the full report, with nprocs),
+    each in turn: every unit once per FULL_REPORT_EVERY beats; the others get state and pid."""
+    async with Cell(tmp_path) as cell:
+        job = await cell.submit(["n1"] * 7)
+        agent = cell.agents["n1"]
+        units = list(agent.units.values())
+        every = daemon_module.FULL_REPORT_EVERY
+        full = {u.name: 0 for u in units}
+        for beat in range(every):
+            scanned = [u.name for i, u in enumerate(units) if not agent._light_beat(u, i, beat)]
+            assert len(scanned) <= -(-len(units) // every)
+            for name in scanned:
+                full[name] += 1
+        assert set(full.values()) == {1}, full
+        agent._held_units.add((job, units[0].name))     # in a chain: never scanned
+        assert all(agent._light_beat(units[0], 0, beat) for beat in range(every))
 
 
 async def test_background_work_waits_for_the_chains_answers(tmp_path: Path) -> None:
