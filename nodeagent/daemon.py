@@ -108,6 +108,7 @@ class NodeAgent:
         self._held_units: set[tuple[str, str]] = set()   # their units, until _after_chains
         self._held_reports: list[dict[str, Any]] = []    # the held units' state reports, in order
         self._save_after_chain = False   # a held unit changed what the unit list says
+        self._listing: dict[tuple[str, str], int] = {}   # unit -> the write listing it as restarting
         self._gate: asyncio.Future | None = None   # see background_gate
 
     @property
@@ -311,7 +312,14 @@ class NodeAgent:
         key, row = (unit.job, unit.name), (unit.root_pid, unit.started, unit.ended)
         same_tree = self._saved.get(key) == row   # a freeze or thaw: the unit file stays as it is
         held = key in self._held_units
-        if not same_tree:
+        if unit.state == "restarting":
+            # listed as being restored (no pid yet) while its tree comes back: written now,
+            # right before the restore starts (not while the rebuild's checks run: a thread
+            # beside them slowed them), beside the restore; the rebuild's answer waits for it
+            self._saved[key] = row
+            self._save_soon()
+            self._listing[key] = self._save_asked
+        elif not same_tree:
             self._saved[key] = row
             if held:
                 self._save_after_chain = True
@@ -686,10 +694,7 @@ class NodeAgent:
                     if "spec" not in args:
                         raise CheckpointError("rebuild without a unit spec")
                     unit = await self._new_unit(job, name, args["spec"])
-                # the unit is listed as being restored (no pid yet) while its tree comes back:
-                # that write runs beside the restore, and is what the answer waits for
-                self._save_soon()
-                listed = self._save_asked
+                self._listing.pop((job, name), None)
             if unit is None:
                 if stage == protocol.ABORT_STAGE:
                     res: dict[str, Any] = {"ms": 0.0, "data": {"note": "unit not here"}}
@@ -706,6 +711,10 @@ class NodeAgent:
                     raise CheckpointError(f"{stage} of {name} did not finish within {limit:g} s") from None
                 res = await self._after_stage(unit, stage, ckpt, args, res)
             if stage == "rebuild":   # an agent killed from now on still adopts the rebuilt tree
+                listed = self._listing.pop((job, name), None)
+                if listed is None:   # the unit never said "restarting" (a backend's own way)
+                    self._save_soon()
+                    listed = self._save_asked
                 await self._unit_list_written(listed)
             ok, error = True, ""
         except CheckpointError as exc:

@@ -6,6 +6,7 @@ both are covered by tests/test_coordinated.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -204,6 +205,32 @@ async def test_heartbeats_scan_each_unit_in_turn(tmp_path: Path) -> None:
         assert set(full.values()) == {1}, full
         agent._held_units.add((job, units[0].name))     # in a chain: never scanned
         assert all(agent._light_beat(units[0], 0, beat) for beat in range(every))
+
+
+async def test_rebuilt_units_are_listed_before_the_rebuild_is_answered(tmp_path: Path) -> None:
+    """The agent's unit list (what a later agent adopts) names every unit being restored by the
+    time the rebuild's answer leaves: it is written when the unit turns "restarting", right
+    before its restore, and the answer waits for that write."""
+    async with Cell(tmp_path) as cell:
+        job = await cell.submit(["n1", "n1"])
+        ck = await cell.orch.control("checkpoint", {"job": job})
+        agent = cell.agents["n1"]
+        for name in ("u0", "u1"):
+            os.kill(agent.units[(job, name)].root_pid, signal.SIGKILL)
+        await cell.until(lambda: all(u.state == "failed" for u in cell.orch.jobs[job].units.values()))
+        await cell.until(lambda: not any(r["job"] == job for r in json.loads(agent.state_file.read_text())))
+        listed: list[set[str]] = []
+        publish = agent.bus.publish
+
+        async def spy(key: str, msg: dict[str, Any], **kw: Any) -> None:
+            if msg.get("type") == "stage_results" and "rebuild" in [msg["stage"], *(e["stage"] for e in msg.get("more", ()))]:
+                rows = json.loads(agent.state_file.read_text())
+                listed.append({r["unit"] for r in rows if r["job"] == job})
+            await publish(key, msg, **kw)
+
+        agent.bus.publish = spy  # type: ignore[method-assign]
+        await cell.orch.control("restart", {"job": job, "checkpoint": ck["checkpoint"]})
+        assert listed == [{"u0", "u1"}], listed
 
 
 async def test_background_work_waits_for_the_chains_answers(tmp_path: Path) -> None:
