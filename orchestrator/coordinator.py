@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 import uuid
@@ -75,6 +76,8 @@ class Coordinator:
 
     def _stage_answer(self, node: str, ckpt: str, stage: str, results: dict[str, Any], wall_ms: Any) -> None:
         wall = float(wall_ms) if isinstance(wall_ms, (int, float)) and not isinstance(wall_ms, bool) else None
+        if wall is not None and not (math.isfinite(wall) and wall >= 0):
+            wall = None     # a malformed time is not taken into the table
         for unit, res in results.items():
             if not isinstance(res, dict) or not isinstance(res.get("ok"), bool):
                 continue

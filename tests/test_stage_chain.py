@@ -283,6 +283,10 @@ async def test_malformed_entries_of_a_multi_stage_answer_are_skipped(tmp_path: P
                                          {"stage": "stop", "results": {"u0": "bad"}},
                                          {"stage": "stop", "results": {"u0": {"ok": True, "ms": 2.0}}, "wall_ms": 2.5}]})
         assert waiting["prepare"].result()["wall_ms"] is None
+        nan = coord._waiting.setdefault(("ck-x", "u0", "checkpoint"), loop.create_future())
+        coord.on_stage_results({"node": "n1", "checkpoint": "ck-x", "stage": "checkpoint", "wall_ms": float("nan"),
+                                "results": {"u0": {"ok": True, "ms": 1.0}}})
+        assert nan.result()["wall_ms"] is None
         assert waiting["stop"].result()["ok"] and waiting["stop"].result()["wall_ms"] == 2.5
         coord.on_stage_results({"node": "n1", "checkpoint": "ck-x", "stage": "stop", "results": {}, "more": "x"})
 
