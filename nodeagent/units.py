@@ -458,30 +458,46 @@ class Unit:
             except CheckpointError:
                 pass
         if reap:
-            self._reap_zombies()
+            await self._reap_until_gone()
 
-    def _reap_zombies(self) -> None:
+    async def _reap_until_gone(self, timeout: float = 0.5) -> None:
+        """After a kill: reap the tree's members as they die.  A member SIGKILLed a moment ago
+        may still be exiting (every thread of it must), or be the zombie of a parent that is
+        exiting too and hands it to the agent: wait for those, bounded, rather than leave a
+        zombie behind once the unit is reported gone."""
+        deadline = time.monotonic() + timeout
+        while self._reap_zombies() and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+
+    def _reap_zombies(self) -> bool:
         """Reap members of the tree that died as the agent's children: orphans re-parented
         to the agent (a subreaper) would otherwise stay zombies as long as it runs.  Never
         the root (reaped by asyncio, the pidfd watcher, or the backend that restored it),
-        and only pids seen as members of this unit (never another child of the agent)."""
+        and only pids seen as members of this unit (never another child of the agent).
+        True while a member may still become ours to reap (see _reap_until_gone)."""
         me = os.getpid()
+        family = self._members | {me, self.root_pid}
+        pending = False
         for pid in list(self._members):
             if pid == self.root_pid:
                 self._members.discard(pid)
                 continue
             try:
                 p = psutil.Process(pid)
-                if p.status() != psutil.STATUS_ZOMBIE:
-                    continue            # alive: keep watching it
-                if p.ppid() != me:
-                    # its parent reaps it, or dies (a tree being killed) and hands it to us:
-                    # keep watching it until it is gone
+                zombie, ppid = p.status() == psutil.STATUS_ZOMBIE, p.ppid()
+                if zombie and ppid == me:
+                    os.waitpid(pid, os.WNOHANG)
+                elif ppid in family:
+                    # alive, or the zombie of a parent in the tree, which reaps it or dies and
+                    # hands it to us: keep watching it
+                    pending = True
                     continue
-                os.waitpid(pid, os.WNOHANG)
+                elif not zombie:
+                    continue            # alive under another parent: keep watching it
             except (psutil.Error, ChildProcessError, OSError):
                 pass
-            self._members.discard(pid)  # reaped here, or gone
+            self._members.discard(pid)  # reaped here, gone, or another's zombie (PID 1's)
+        return pending
 
     # -- status ------------------------------------------------------------------------
     async def _set_state(self, state: str) -> None:
