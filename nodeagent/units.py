@@ -425,7 +425,7 @@ class Unit:
                 except CheckpointError:
                     pass
             if reap:
-                self._reap_zombies()
+                await self._reap_until_gone()
             return
         froze = False
         if self.freezer.kind != "signal":
@@ -486,7 +486,11 @@ class Unit:
                 p = psutil.Process(pid)
                 zombie, ppid = p.status() == psutil.STATUS_ZOMBIE, p.ppid()
                 if zombie and ppid == me:
-                    os.waitpid(pid, os.WNOHANG)
+                    if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                        # shown as a zombie but not waitable yet: a process whose main thread
+                        # has exited while its other threads are still exiting
+                        pending = True
+                        continue
                 elif ppid in family:
                     # alive, or the zombie of a parent in the tree, which reaps it or dies and
                     # hands it to us: keep watching it
