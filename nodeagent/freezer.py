@@ -215,8 +215,23 @@ def _proc_state(pid: int) -> bytes:
 
 
 def alive_pids(pids: list[int]) -> list[int]:
-    """The pids that exist and are neither zombie nor dead."""
-    return [pid for pid in pids if _proc_state(pid) not in (b"", b"Z", b"X", b"x")]
+    """The pids that exist and are neither zombie nor dead.  A process whose main thread has
+    exited while others still run shows its leader as a zombie: it counts as alive."""
+    out = []
+    for pid in pids:
+        state = _proc_state(pid)
+        if state in (b"", b"X", b"x") or (state == b"Z" and not _threads_left(pid)):
+            continue
+        out.append(pid)
+    return out
+
+
+def _threads_left(pid: int) -> bool:
+    """Whether a process shown as a zombie still has threads running (its leader exited)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False
 
 
 class Freezer:

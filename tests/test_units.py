@@ -332,3 +332,33 @@ async def test_subreaper_agent_keeps_no_zombies(tmp_path):
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert out.decode().splitlines() == ["kill-9 failed zombies []", "cancel exited zombies []"]
+
+
+LEADER_EXITS = r"""
+#include <pthread.h>
+#include <unistd.h>
+static void *spin(void *arg) { (void)arg; for (;;) pause(); return 0; }
+int main(void)
+{
+    pthread_t t;
+    pthread_create(&t, 0, spin, 0);
+    pthread_exit(0);    /* the main thread ends; the process runs on in its other thread */
+}
+"""
+
+
+async def test_a_process_whose_main_thread_exited_is_alive_and_killed(tmp_path, cleanup):
+    """/proc shows a process whose main thread called pthread_exit as a zombie while its other
+    threads run: it counts as alive (in pids(), so a kill reaches it), and a kill ends it."""
+    src = tmp_path / "leader_exits.c"
+    src.write_text(LEADER_EXITS)
+    binary = tmp_path / "leader_exits"
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(binary), str(src)], check=True)
+    u = make_unit(tmp_path)
+    cleanup.append(u)
+    pid = await u.launch(LaunchPlan([str(binary)]))
+    await wait_for(lambda: fz._proc_state(pid) == b"Z")     # the leader shows as a zombie ...
+    await asyncio.sleep(0.1)
+    assert fz.alive_pids([pid]) == [pid] and u.pids() == [pid]   # ... but the process lives
+    await u.kill()
+    assert gone([pid]) and u.ended
