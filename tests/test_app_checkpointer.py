@@ -370,3 +370,38 @@ async def test_the_c_client_of_the_protocol_checkpoints_twice(env, tmp_path):
     await runner.run(u, "abort", "ck3", 3)
     assert not store.images_dir("job1", "c", 3).exists()
     assert u.state == "running" and not u.ended
+
+
+async def test_bad_connections_are_closed_and_the_program_still_checkpoints(env, tmp_path, monkeypatch):
+    """Whatever else connects to a unit's socket: no HELLO in time, something else than
+    HELLO, a line over 64 KiB, or a HELLO in pieces then BYE.  Each is closed (the bad ones
+    with a reason) and none is taken for the program, which checkpoints as before."""
+    import nodeagent.checkpointers.app as app_mod
+    monkeypatch.setattr(app_mod, "HELLO_TIMEOUT", 0.3)
+    store, backend, runner, start = env
+    prog = tmp_path / "raw.py"
+    prog.write_text(RAW)
+    u = await start("r", [PY, str(prog)])
+    await wait_for(lambda: len(backend.connected_pids(u)) == 1)
+    path = socket_path_for(u)
+
+    async def talk(*chunks: bytes) -> bytes:
+        reader, writer = await asyncio.open_unix_connection(path)
+        for c in chunks:
+            writer.write(c)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        got = await asyncio.wait_for(reader.read(), 5)    # until the agent closes
+        writer.close()
+        return got
+
+    silent, garbage, pieces, too_long = await asyncio.gather(
+        talk(), talk(b"GET / HTTP/1.0\n"), talk(b"HEL", b"LO 4242 1 -\n", b"BYE\n"),
+        talk(b"HELLO 4343 1\n", b"x" * 70000))
+    assert silent == b""
+    assert garbage == b"ERROR expected HELLO <pid>\n"
+    assert pieces == b"WELCOME 1\n"
+    assert too_long == b"WELCOME 1\n"
+    assert backend.connected_pids(u) == [u.root_pid]
+    await checkpoint(runner, u, "ck1", 1)
+    assert json.loads((store.images_dir("job1", "r", 1) / "state.json").read_text()) == {"n": 41}

@@ -100,52 +100,124 @@ def _parse_hooks(text: str) -> set[str]:
     return {w for w in text.strip().split(",") if w in OPTIONAL_REQUESTS}
 
 
-class _Conn:
-    """One program connection: a reader task routes answers to the pending request."""
+HELLO_TIMEOUT = 10.0     # seconds a new connection has to say HELLO
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pid: int,
-                 hooks: set[str] | None = None):
-        self.reader, self.writer, self.pid = reader, writer, pid
-        self.hooks = hooks      # optional requests it handles; None: unknown, send them all
+
+class _Conn(asyncio.Protocol):
+    """One program connection.  Lines are parsed as the bytes come (``data_received``) and an
+    answer goes straight to the pending request: no reader task per connection, no stream
+    buffer to wake (64 units answer twice per checkpoint)."""
+
+    def __init__(self, session: "_Session") -> None:
+        self.session = session
+        self.transport: asyncio.Transport | None = None
+        self.pid = 0
+        self.hooks: set[str] | None = None   # optional requests it handles; None: unknown, send them all
+        self.hello = False
+        self._buf = b""
+        self._hello_timer: asyncio.TimerHandle | None = None
         self.pending: asyncio.Future | None = None
         self.closed = asyncio.Event()
         self.lock = asyncio.Lock()
         self.skip = 0       # answers owed to requests nobody waits for: discard them
         self.settled = asyncio.Event()   # set while no answer is owed (skip == 0)
         self.settled.set()
+        self._writable = asyncio.Event()   # cleared while the transport asks us to pause
+        self._writable.set()
 
-    async def pump(self) -> None:
-        try:
-            while True:
-                line = await self.reader.readline()
-                if not line or not line.endswith(b"\n"):
-                    break
-                text = line.decode(errors="replace").rstrip("\n")
-                if text == "BYE":
-                    break
-                if text.startswith("HOOKS "):   # a hook registered after HELLO: not an answer
-                    self.hooks = _parse_hooks(text[6:])
-                    continue
-                if self.skip:           # an answer nobody waits for (late, or to a RESUME)
-                    self.skip -= 1
-                    if not self.skip:
-                        self.settled.set()
-                    if not text.startswith("OK") and not text.startswith("DONE"):
-                        log.warning("program pid %s answered late or unasked: %s", self.pid, text[:200])
-                    continue
-                if self.pending is not None and not self.pending.done():
-                    self.pending.set_result(text)
-                # anything unsolicited is ignored (forward compatibility)
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
-            pass
-        finally:
-            self.closed.set()
-            self.settled.set()
-            if self.pending is not None and not self.pending.done():
-                self.pending.set_exception(CheckpointError(
-                    f"program pid {self.pid} closed its checkpoint connection"))
-            self.writer.close()
+    # -- asyncio.Protocol ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport     # type: ignore[assignment]
+        self._hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT, self._no_hello)
 
+    def data_received(self, data: bytes) -> None:
+        if self._buf:
+            data, self._buf = self._buf + data, b""
+        *lines, rest = data.split(b"\n")
+        for raw in lines:
+            if self.closed.is_set():
+                return
+            if len(raw) > MAX_LINE or not self._line(raw.decode(errors="replace")):
+                self.close()
+                return
+        if len(rest) > MAX_LINE:
+            self.close()
+        else:
+            self._buf = rest
+
+    def eof_received(self) -> bool:
+        return False    # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        self.closed.set()
+        self.settled.set()
+        self._writable.set()
+        if self.pending is not None and not self.pending.done():
+            self.pending.set_exception(CheckpointError(
+                f"program pid {self.pid} closed its checkpoint connection"))
+        self.session.left(self)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # -- lines -----------------------------------------------------------------------------
+    def _no_hello(self) -> None:
+        if not self.hello:
+            self.close()
+
+    def _line(self, text: str) -> bool:
+        """One line from the program; False: close the connection."""
+        if not self.hello:
+            words = text.split()
+            if len(words) < 2 or words[0] != "HELLO" or not words[1].isdigit():
+                self.send_line("ERROR expected HELLO <pid>")
+                return False
+            self.hello = True
+            if self._hello_timer is not None:
+                self._hello_timer.cancel()
+            self.pid = int(words[1])
+            self.hooks = _parse_hooks(words[3]) if len(words) > 3 else None
+            self.send_line(f"WELCOME {PROTOCOL_VERSION}")
+            self.session.joined(self)
+            return True
+        if text == "BYE":
+            return False
+        if text.startswith("HOOKS "):   # a hook registered after HELLO: not an answer
+            self.hooks = _parse_hooks(text[6:])
+            return True
+        if self.skip:           # an answer nobody waits for (late, or to a RESUME)
+            self.skip -= 1
+            if not self.skip:
+                self.settled.set()
+            if not text.startswith("OK") and not text.startswith("DONE"):
+                log.warning("program pid %s answered late or unasked: %s", self.pid, text[:200])
+            return True
+        if self.pending is not None and not self.pending.done():
+            self.pending.set_result(text)
+        # anything unsolicited is ignored (forward compatibility)
+        return True
+
+    def send_line(self, line: str) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(line.encode() + b"\n")
+
+    async def drain(self) -> None:
+        """Wait while the transport holds more than its high-water mark (rare: lines are short)."""
+        if not self._writable.is_set():
+            await self._writable.wait()
+        if self.closed.is_set():
+            raise ConnectionError("connection closed")
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- requests --------------------------------------------------------------------------
     async def _in_step(self, line: str, timeout: float) -> None:
         """One request on the wire at a time, as the protocol promises: first the answers
         still owed (to a RESUME, or late ones) must have come."""
@@ -167,9 +239,8 @@ class _Conn:
             # done-callback per request (64 units make 128 of them per checkpoint)
             timer = loop.call_later(timeout, _expire, fut)
             try:
-                self.writer.write(line.encode() + b"\n")
-                if self.writer.transport.get_write_buffer_size():
-                    await self.writer.drain()   # only when the socket could not take it all
+                self.send_line(line)
+                await self.drain()
                 return await fut
             except _Expired:
                 word = line.split(" ", 1)[0]
@@ -195,18 +266,24 @@ class _Conn:
             if not fut.done():
                 fut.cancel()
 
+    def notify_now(self) -> bool:
+        """Whether ``notify`` can send at once (no request on the wire, none owed)."""
+        return not self.lock.locked() and not self.skip and not self.closed.is_set()
+
+    def notify_sync(self, line: str) -> None:
+        """``notify`` when ``notify_now()``: sent at once, its answer to be discarded."""
+        self.skip += 1
+        self.settled.clear()
+        self.send_line(line)
 
     async def notify(self, line: str, timeout: float) -> None:
         """Send a request whose answer nobody waits for: it is discarded when it comes, and
         the next request goes out only after it."""
         async with self.lock:
             await self._in_step(line, timeout)
-            self.skip += 1
-            self.settled.clear()
+            self.notify_sync(line)
             try:
-                self.writer.write(line.encode() + b"\n")
-                if self.writer.transport.get_write_buffer_size():
-                    await self.writer.drain()
+                await self.drain()
             except ConnectionError as e:
                 raise CheckpointError(f"program pid {self.pid}: connection lost ({e})") from None
 
@@ -231,10 +308,7 @@ async def request_many(reqs: list[tuple[_Conn, str]], timeout: float) -> list[st
         fut = conn.pending = loop.create_future()
         futs.append(fut)
         direct.append(True)
-        try:
-            conn.writer.write(line.encode() + b"\n")
-        except ConnectionError as e:
-            fut.set_exception(CheckpointError(f"program pid {conn.pid}: connection lost ({e})"))
+        conn.send_line(line)
     timer = loop.call_later(timeout, lambda: [_expire(f) for f, d in zip(futs, direct) if d])
     try:
         if futs:
@@ -287,28 +361,14 @@ class _Session:
 
     async def start(self) -> None:
         if self.server is None:
-            self.server = await asyncio.start_unix_server(self._accept, sock=self.sock,
-                                                          limit=MAX_LINE)
+            self.server = await asyncio.get_running_loop().create_unix_server(lambda: _Conn(self), sock=self.sock)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), 10)
-        except (asyncio.TimeoutError, ConnectionError, ValueError, asyncio.LimitOverrunError):
-            writer.close()
-            return
-        words = line.decode(errors="replace").split()
-        if len(words) < 2 or words[0] != "HELLO" or not words[1].isdigit():
-            writer.write(b"ERROR expected HELLO <pid>\n")
-            writer.close()
-            return
-        writer.write(f"WELCOME {PROTOCOL_VERSION}\n".encode())
-        conn = _Conn(reader, writer, int(words[1]), _parse_hooks(words[3]) if len(words) > 3 else None)
+    def joined(self, conn: _Conn) -> None:
+        """``conn`` said HELLO."""
         self.conns.append(conn)
         self.changed.set()
-        task = asyncio.get_running_loop().create_task(conn.pump())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        await conn.closed.wait()
+
+    def left(self, conn: _Conn) -> None:
         if conn in self.conns:
             self.conns.remove(conn)
 
@@ -356,7 +416,7 @@ class _Session:
 
     async def close(self) -> None:
         for c in self.conns:
-            c.writer.close()
+            c.close()
         if self.server is not None:
             self.server.close()
         else:
@@ -437,7 +497,7 @@ class AppCheckpointer(Checkpointer):
         s = self._sessions.pop((unit.job, unit.name), None)
         if s is not None:
             for c in s.conns:
-                c.writer.close()
+                c.close()
             if s.server is not None:
                 s.server.close()
             else:
@@ -530,6 +590,7 @@ class AppCheckpointer(Checkpointer):
         return outcomes
 
     quick_checkpoint = True     # checkpoint() only lists a directory: stage_batch runs it in turn
+    freezer_untouched = True    # see Checkpointer
 
     async def checkpoint(self, unit: UnitProcess, images: Path) -> None:
         """The state was written at prepare; check it is there."""
@@ -557,7 +618,10 @@ class AppCheckpointer(Checkpointer):
         s = self._session(unit)
         cid = str(getattr(unit, "checkpoint_id", "") or "-")
         for conn in await s.wait_connected(self.timeout, unit.name):
-            await conn.notify(f"RESUME {cid}", self.timeout)
+            if conn.notify_now():      # the usual case: no lock to take, nothing owed
+                conn.notify_sync(f"RESUME {cid}")
+            else:
+                await conn.notify(f"RESUME {cid}", self.timeout)
 
     async def resume_cp(self, unit: UnitProcess) -> None:
         """The post-checkpoint hook (RESUME went out in ``before_thaw``)."""
