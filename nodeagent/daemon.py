@@ -437,6 +437,8 @@ class NodeAgent:
             gate.set_result(None)
         if not self._chains:
             self._release_held()
+            if self.runner.spares_wanted:
+                self._spawn(self.runner.make_spares())
 
     def _release_held(self) -> None:
         """The held units' reports join the queue, in order, and the unit list is written."""
@@ -607,6 +609,9 @@ class NodeAgent:
             plan = backend.plan_launch(unit, list(spec["command"]))
             await unit.launch(plan)
             event(log, "unit launched", job=job, unit=name, pid=unit.root_pid)
+            self.runner.spares_wanted.add(unit.unit_dir)   # its first checkpoint finds a spare
+            if not self._chains:
+                self._spawn(self.runner.make_spares())
         except (CheckpointError, OSError, KeyError) as exc:
             event(log, "launch failed", logging.WARNING, job=job, unit=name, error=str(exc))
             await self._emit(protocol.event_key(self.site, self.node), "unit_event", node=self.node, job=job,

@@ -234,6 +234,117 @@ def _threads_left(pid: int) -> bool:
         return False
 
 
+def _ask(kind: str, path: str, frozen: bool) -> None:
+    """Ask the kernel to freeze (or thaw) cgroup ``path``."""
+    if kind == "v1":
+        _write(os.path.join(path, "freezer.state"), "FROZEN" if frozen else "THAWED")
+    else:
+        _write(os.path.join(path, "cgroup.freeze"), "1" if frozen else "0")
+
+
+def _frozen_at(kind: str, path: str) -> bool:
+    """Whether every task under cgroup ``path`` is frozen (whoever asked for it)."""
+    if kind == "v1":
+        return _read(os.path.join(path, "freezer.state")).strip() == "FROZEN"
+    for line in _read(os.path.join(path, "cgroup.events")).splitlines():
+        if line.startswith("frozen "):
+            return line.split()[1] == "1"
+    return False
+
+
+def _asked_frozen(kind: str, path: str) -> bool:
+    """Whether cgroup ``path`` itself was asked to freeze (not only one of its ancestors)."""
+    if kind == "v1":
+        return _read(os.path.join(path, "freezer.self_freezing")).strip() == "1"
+    return _read(os.path.join(path, "cgroup.freeze")).strip() == "1"
+
+
+# job cgroup -> the unit cgroups this agent froze through it (freeze_together), until thawed
+_frozen_together: dict[str, set[str]] = {}
+
+
+async def freeze_together(freezers: list["Freezer"], timeout: float = FREEZE_TIMEOUT) -> bool:
+    """Freeze several units of one job with one write, to their job's cgroup.
+
+    Only when that cgroup holds exactly their cgroups (a unit of the job under another agent
+    of this host rules it out), all made and none frozen yet.  False: not possible, freeze
+    them one by one.  CheckpointError when the job did not freeze in time (it is thawed).
+    ``thaw_together`` undoes it with one write too; a unit thawed alone meanwhile
+    (``Freezer.thaw``) first has the others frozen each on its own."""
+    if len(freezers) < 2:
+        return False
+    kind = freezers[0].kind
+    if kind not in ("v1", "v2"):
+        return False
+    parent: str | None = None
+    names: set[str] = set()
+    for f in freezers:
+        if f.kind != kind or not f.path or f.frozen or not f._created:
+            return False
+        d, name = os.path.split(f.path)
+        if parent is None:
+            parent = d
+        elif d != parent:
+            return False
+        names.add(name)
+    if parent is None or len(names) != len(freezers) or parent in _frozen_together:
+        return False
+    try:
+        with os.scandir(parent) as it:
+            if {e.name for e in it if e.is_dir(follow_symlinks=False)} != names:
+                return False
+        _ask(kind, parent, True)
+    except OSError:
+        return False
+    _frozen_together[parent] = {f.path for f in freezers if f.path}
+    deadline = time.monotonic() + timeout
+    delay = _POLL_FIRST
+    try:
+        while not _frozen_at(kind, parent):
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"freezer {parent} did not freeze within {timeout:g} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX)
+    except (OSError, CheckpointError, asyncio.CancelledError) as e:
+        _frozen_together.pop(parent, None)
+        try:
+            _ask(kind, parent, False)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise CheckpointError(f"cannot freeze {parent}: {e.strerror}") from None
+        raise
+    for f in freezers:
+        f.frozen = True
+    return True
+
+
+async def thaw_together(freezers: list["Freezer"], timeout: float = FREEZE_TIMEOUT) -> bool:
+    """Thaw units that ``freeze_together`` froze, exactly these, with one write.  False when
+    they are not such a group (any more): thaw them one by one."""
+    if not freezers or not freezers[0].path:
+        return False
+    kind = freezers[0].kind
+    parent = os.path.dirname(freezers[0].path)
+    if _frozen_together.get(parent) != {f.path for f in freezers}:
+        return False
+    try:
+        _ask(kind, parent, False)
+        deadline = time.monotonic() + timeout
+        delay = _POLL_FIRST
+        while _frozen_at(kind, parent):     # v1 answers at once; v2 may take a moment
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX)
+    except OSError:
+        return False
+    _frozen_together.pop(parent, None)
+    for f in freezers:
+        f.frozen = False
+    return True
+
+
 class Freezer:
     """The freezer of one unit.  ``pids_fn`` lists the tree (used by the signal fallback)."""
 
@@ -389,7 +500,36 @@ class Freezer:
         except OSError as e:
             raise CheckpointError(f"cannot freeze {self.path}: {e.strerror}") from None
 
+    def _leave_group(self) -> None:
+        """Before this unit is thawed alone: if it was frozen with its job's others
+        (freeze_together), freeze each of them on its own, then thaw the job's cgroup."""
+        parent = os.path.dirname(self.path or "")
+        members = _frozen_together.get(parent)
+        if members is None or self.path not in members:
+            return
+        del _frozen_together[parent]
+        for other in members - {self.path}:
+            try:
+                _ask(self.kind, other, True)
+            except OSError:
+                pass    # that unit's cgroup is gone
+        _ask(self.kind, parent, False)
+
+    def _thaw_parent_left_frozen(self) -> bool:
+        """The job's cgroup is frozen but not by this agent as it runs now (an agent killed
+        between freeze_together and thaw_together, then started again): thaw it, or none of
+        its units can run.  True if it was."""
+        parent = os.path.dirname(self.path or "")
+        try:
+            if parent in _frozen_together or not _asked_frozen(self.kind, parent):
+                return False
+            _ask(self.kind, parent, False)
+        except OSError:
+            return False
+        return True
+
     def _thaw_now(self) -> None:
+        self._leave_group()
         if self.kind == "v1":
             _write(os.path.join(self.path, "freezer.state"), "THAWED")
         elif self.kind == "v2":
@@ -418,6 +558,8 @@ class Freezer:
                 if (self._v1_state() == "THAWED") if self.kind == "v1" else not self._v2_frozen():
                     self.frozen = False
                     return
+                if self._thaw_parent_left_frozen():
+                    continue
                 if time.monotonic() > deadline:
                     raise CheckpointError(f"freezer {self.path} did not thaw within {timeout:g} s")
                 await asyncio.sleep(delay)

@@ -9,12 +9,15 @@ loops and its waiting once for all units:
 prepare        images directories made in one thread trip; job-file callbacks (units that
                have one) side by side; backend ``prepare_many`` (app: every program gets
                CHECKPOINT before the first answer is awaited) or ``prepare`` side by side
-stop           every freezer told to freeze first, then each waited for (the kernel freezes
-               them all meanwhile)
+stop           units whose backend leaves the freezer alone (app) frozen through their job's
+               cgroup, one write, when it holds just them (freezer.freeze_together); else every
+               freezer told to freeze first, then each waited for (the kernel freezes them all
+               meanwhile)
 checkpoint     backends flagged ``quick_checkpoint`` (app: a directory listing) one after the
                other, the others (CRIU) side by side; manifests, when not sealed later, written
                in one thread trip
-resume_cp      before_thaw and thaw unit by unit (neither waits), backend ``resume_cp_many``
+resume_cp      before_thaw and thaw unit by unit (neither waits; units frozen together: every
+               before_thaw, then one thaw), backend ``resume_cp_many``
                or ``resume_cp`` side by side, job-file callbacks side by side
 =============  =============================================================================
 
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from nodeagent.callbacks import run_callback
 from nodeagent.checkpointers.base import CheckpointError
+from nodeagent.freezer import freeze_together, thaw_together
 from orchestrator.store import StoreError
 
 if TYPE_CHECKING:
@@ -195,21 +199,22 @@ async def _backend_calls(runner: "UnitStageRunner", items: list[_Item], method: 
                 it.fail(res)
 
 
-PREPARE_CHUNK = 16   # units whose images directories are made per trip to the thread
+PREPARE_CHUNK = 64   # units whose images directories are made per trip to the thread
 
 
 async def _prepare(runner: "UnitStageRunner", cid: str, items: list[_Item]) -> None:
-    """Images directories are made a chunk at a time, and each chunk's programs are asked
-    as soon as theirs exist: the programs save their state while the thread makes the next
-    chunk's directories."""
-    from nodeagent.stages import _fresh_images_dir
+    """Images directories are made a chunk at a time (``PREPARE_CHUNK``), and each chunk's
+    programs are asked as soon as theirs exist: in a big batch the programs save their state
+    while the thread makes the next chunk's directories.  A directory is usually the unit's
+    spare renamed (stages._fresh_images_dir), quick enough that one trip per 64 units beats
+    smaller chunks (measured with 64 units: 16 per trip was 1.5 ms slower)."""
     live = _enter(runner, cid, items, "prepare", alive_first=True)
 
     def make(chunk: list[_Item]) -> list[BaseException | None]:
         errors: list[BaseException | None] = []
         for it in chunk:
             try:
-                _fresh_images_dir(it.ctx["images"])
+                runner.new_images_dir(it.ctx["images"])
                 errors.append(None)
             except (CheckpointError, OSError) as exc:
                 errors.append(exc)
@@ -249,8 +254,33 @@ async def _prepare(runner: "UnitStageRunner", cid: str, items: list[_Item]) -> N
         raise
 
 
+def _freezers_together(runner: "UnitStageRunner", live: list[_Item]) -> list[Any] | None:
+    """The units' freezers, when they may be frozen and thawed through their job's cgroup:
+    several units, every backend leaving the freezer alone (``freezer_untouched``)."""
+    if len(live) < 2:
+        return None
+    freezers = [getattr(it.unit, "freezer", None) for it in live]
+    if any(f is None for f in freezers) or not all(
+            getattr(runner.backend_for(it.unit), "freezer_untouched", False) for it in live):
+        return None
+    return freezers
+
+
 async def _stop(runner: "UnitStageRunner", cid: str, items: list[_Item]) -> None:
     live = _enter(runner, cid, items, "stop", alive_first=False)
+    freezers = _freezers_together(runner, live)
+    if freezers is not None:
+        try:
+            for it in live:         # a tree not yet in its cgroup would not freeze
+                await it.unit.attached()
+            together = await freeze_together(freezers)
+        except CheckpointError:
+            together = False        # each unit's own freeze says what is wrong
+        if together:
+            for it in live:
+                await it.unit.freeze(freezer_done=True)
+                it.finish({})
+            return
     for it in live:     # every freezer starts at once; the waits below mostly find it done
         start = getattr(getattr(it.unit, "freezer", None), "start_freeze", None)
         if start is not None:
@@ -314,12 +344,27 @@ async def _checkpoint(runner: "UnitStageRunner", cid: str, items: list[_Item]) -
 
 async def _resume_cp(runner: "UnitStageRunner", cid: str, items: list[_Item]) -> None:
     live = _enter(runner, cid, items, "resume_cp", alive_first=False)
-    for it in live:     # neither waits for the program: one after the other
-        try:
-            await runner.backend_for(it.unit).before_thaw(it.unit)
-            await it.unit.thaw()
-        except CheckpointError as exc:
-            it.fail(exc)
+    freezers = _freezers_together(runner, live)
+    if freezers is not None:     # every program's RESUME first, then one thaw for all
+        for it in live:
+            try:
+                await runner.backend_for(it.unit).before_thaw(it.unit)
+            except CheckpointError as exc:
+                it.fail(exc)
+        live = [it for it in live if it.live]
+        together = len(live) == len(freezers) and await thaw_together(freezers)
+        for it in live:
+            try:
+                await it.unit.thaw(freezer_done=together)
+            except CheckpointError as exc:
+                it.fail(exc)
+    else:
+        for it in live:     # neither waits for the program: one after the other
+            try:
+                await runner.backend_for(it.unit).before_thaw(it.unit)
+                await it.unit.thaw()
+            except CheckpointError as exc:
+                it.fail(exc)
     live = [it for it in live if it.live]
     await _backend_calls(runner, live, "resume_cp", lambda it: (it.unit,))
     live = [it for it in live if it.live]

@@ -383,16 +383,20 @@ class Unit:
         return self._ended.is_set()
 
     # -- stop / resume / kill ----------------------------------------------------------
-    async def freeze(self) -> None:
-        """Stop the whole tree (stage stop)."""
+    async def freeze(self, freezer_done: bool = False) -> None:
+        """Stop the whole tree (stage stop); ``freezer_done``: the freezer froze it already,
+        with the job's other units (freezer.freeze_together)."""
         await self.attached()        # a tree not yet in its cgroup would not freeze
-        await self.freezer.freeze()
+        if not freezer_done:
+            await self.freezer.freeze()
         if self.state == "running":
             await self._set_state("stopped")
 
-    async def thaw(self) -> None:
-        """Let the tree run (stage resume_cp / resume_rst, abort)."""
-        await self.freezer.thaw()
+    async def thaw(self, freezer_done: bool = False) -> None:
+        """Let the tree run (stage resume_cp / resume_rst, abort); ``freezer_done``: the
+        freezer thawed it already (freezer.thaw_together)."""
+        if not freezer_done:
+            await self.freezer.thaw()
         if self.state in ("stopped", "restarting"):
             await self._set_state("running")
 

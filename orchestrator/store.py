@@ -462,6 +462,7 @@ class Store:
         # directory (which grows with its history) and reading its marks
         self._seq_hint: dict[tuple[str, str], int] = {}
         self._unit_dir_strs: dict[tuple[str, str], str] = {}
+        self._unit_dirs: dict[tuple[str, str], Path] = {}
         self._mark_cache: dict[tuple[str, str], tuple[tuple[int, int, int, int], int]] = {}
 
     # -- paths ------------------------------------------------------------
@@ -470,7 +471,13 @@ class Store:
         return self.root / "jobs" / _check_name("job", job)
 
     def unit_dir(self, job: str, unit: str) -> Path:
-        return self.job_dir(job) / "units" / _check_name("unit", unit)
+        d = self._unit_dirs.get((job, unit))
+        if d is None:    # checked and joined once per unit (four joins on every stage of 64 units)
+            d = self.job_dir(job) / "units" / _check_name("unit", unit)
+            if len(self._unit_dirs) > 65536:
+                self._unit_dirs.clear()
+            self._unit_dirs[(job, unit)] = d
+        return d
 
     def images_dir(self, job: str, unit: str, seq: int) -> Path:
         """``units/<unit>/<seq>`` (not created: see ``reserve_seq``)."""

@@ -381,3 +381,66 @@ async def test_a_command_for_a_unit_in_a_batch_stage_waits_for_it(tmp_path: Path
         await cell.until(lambda: units["u1"].ended)
         assert not units["u0"].ended and not units["u2"].ended
         assert not agent._batch_busy
+
+
+async def test_app_units_are_frozen_through_their_job_and_all_run_after_an_abort(tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    """Three app units on one agent are stopped with one write to their job's cgroup and
+    thawed with one; when the checkpoint then fails on one of them (its state check refused
+    here), the abort lets every unit run again, the refused one too."""
+    from nodeagent import freezer, stage_batch
+    from nodeagent.checkpointers.app import AppCheckpointer
+    from nodeagent.checkpointers.base import CheckpointError
+
+    if freezer.freezer_kind()[0] == "signal":
+        pytest.skip("no cgroup freezer on this machine")
+    calls: list[tuple[int, bool]] = []
+    together = stage_batch.freeze_together
+
+    async def spy(freezers: list[Any], *a: Any, **k: Any) -> bool:
+        ok = await together(freezers, *a, **k)
+        calls.append((len(freezers), ok))
+        return ok
+
+    monkeypatch.setattr(stage_batch, "freeze_together", spy)
+    async with Cell(tmp_path) as cell:
+        job = await cell.submit(["n1", "n1", "n1"])
+        names = ["u0", "u1", "u2"]
+
+        async def all_count() -> None:
+            sizes = {n: (cell.store.unit_dir(job, n) / "stdout").stat().st_size for n in names}
+            await cell.until(lambda: all((cell.store.unit_dir(job, n) / "stdout").stat().st_size > sizes[n]
+                                         for n in names), timeout=5)
+
+        await cell.orch.control("checkpoint", {"job": job})
+        assert calls == [(3, True)] and not freezer._frozen_together
+        await all_count()
+        checkpoint = AppCheckpointer.checkpoint
+
+        async def refuse_u1(self: AppCheckpointer, unit: Any, images: Path) -> None:
+            if unit.name == "u1":
+                raise CheckpointError("unit u1: state refused (test)")
+            await checkpoint(self, unit, images)
+
+        monkeypatch.setattr(AppCheckpointer, "checkpoint", refuse_u1)
+        with pytest.raises(ControlError, match="aborted.*state refused"):
+            await cell.orch.control("checkpoint", {"job": job})
+        assert calls[-1] == (3, True) and not freezer._frozen_together
+        units = [cell.agents["n1"].units[(job, n)] for n in names]
+        assert all(u.state == "running" and not u.freezer.is_frozen() for u in units)
+        await all_count()
+
+
+async def test_each_checkpoint_takes_the_spare_images_dir_made_after_the_last(tmp_path: Path) -> None:
+    """The agent makes each unit a spare images dir when it starts and after each checkpoint;
+    the next checkpoint's images dir is that spare, renamed (no directory made on the way)."""
+    from nodeagent.stages import SPARE_DIR
+    async with Cell(tmp_path) as cell:
+        job = await cell.submit(["n1", "n1"])
+        for _ in range(2):
+            spares = {n: cell.store.unit_dir(job, n) / SPARE_DIR for n in ("u0", "u1")}
+            await cell.until(lambda: all(p.is_dir() for p in spares.values()), timeout=5)
+            inodes = {n: p.stat().st_ino for n, p in spares.items()}
+            ck = await cell.orch.control("checkpoint", {"job": job})
+            for u in ck["units"]:
+                assert cell.store.images_dir(job, u["name"], u["seq"]).stat().st_ino == inodes[u["name"]]

@@ -431,3 +431,29 @@ async def test_a_freeze_right_after_a_restart_holds_the_whole_restored_tree(tmp_
         await runner.run(u, "abort", "ck2", 2)
     finally:
         await u.close()
+
+
+def test_images_dir_is_the_units_spare_renamed_and_never_clobbers(tmp_path):
+    """An images dir is the unit's spare (made ahead) renamed when there is one; a partial dir
+    in the way is cleared the old way, a committed one refused, and the spare kept for later."""
+    from nodeagent.stages import SPARE_DIR, _fresh_images_dir, make_spare_dirs
+    udir = tmp_path / "units" / "u"
+    udir.mkdir(parents=True)
+    spare = udir / SPARE_DIR
+    assert _fresh_images_dir(udir / "1") is False and (udir / "1").is_dir()    # no spare: mkdir
+    make_spare_dirs([udir, tmp_path / "gone"])          # a unit dir gone meanwhile: skipped
+    ino = spare.stat().st_ino
+    assert _fresh_images_dir(udir / "2") is True
+    assert (udir / "2").stat().st_ino == ino and not spare.exists()
+    make_spare_dirs([udir])
+    (udir / "3").mkdir()
+    (udir / "3" / "pages.img").write_bytes(b"partial")
+    assert _fresh_images_dir(udir / "3") is False
+    assert (udir / "3").is_dir() and not any((udir / "3").iterdir()) and spare.is_dir()
+    (udir / "4").mkdir()
+    (udir / "4" / "manifest.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="already holds a committed checkpoint"):
+        _fresh_images_dir(udir / "4")
+    assert (udir / "4" / "manifest.json").read_text() == "{}" and spare.is_dir()
+    (udir / "5").mkdir()                                 # empty: the spare takes its place
+    assert _fresh_images_dir(udir / "5") is True and not spare.exists()

@@ -362,3 +362,90 @@ async def test_a_process_whose_main_thread_exited_is_alive_and_killed(tmp_path, 
     assert fz.alive_pids([pid]) == [pid] and u.pids() == [pid]   # ... but the process lives
     await u.kill()
     assert gone([pid]) and u.ended
+
+
+CGROUP_KINDS = [k for k in kinds() if k.id != "signal"]
+TICKER = "import time\ni = 0\nwhile True:\n    i += 1\n    print('tick', i, flush=True)\n    time.sleep(0.01)\n"
+
+
+async def _three_units(tmp_path: Path, cleanup: list, kind) -> list[Unit]:
+    units = [make_unit(tmp_path, name=f"g{i}", kind=kind) for i in range(3)]
+    cleanup.extend(units)
+    for u in units:
+        await u.launch(LaunchPlan([PY, "-c", TICKER]))
+    await wait_for(lambda: all(ticks(u) >= 2 for u in units))
+    return units
+
+
+async def _still(u: Unit) -> bool:
+    before = ticks(u)
+    await asyncio.sleep(0.25)
+    return ticks(u) == before
+
+
+@pytest.mark.parametrize("kind", CGROUP_KINDS)
+async def test_units_frozen_together_thaw_together_or_alone(tmp_path, cleanup, kind):
+    """The units of a job frozen with one write to the job's cgroup: all stop; thawed
+    together they all run.  Frozen together again, one thawed alone runs while the others stay
+    frozen (each is then frozen on its own), and thaw later one by one."""
+    units = await _three_units(tmp_path, cleanup, kind)
+    freezers = [u.freezer for u in units]
+    assert await fz.freeze_together(freezers)
+    assert all(f.frozen and f.is_frozen() for f in freezers)
+    assert all([await _still(u) for u in units])
+    assert await fz.thaw_together(freezers)
+    for u in units:
+        n = ticks(u)
+        await wait_for(lambda: ticks(u) > n + 2)
+    assert await fz.freeze_together(freezers)
+    await units[0].thaw()
+    n = ticks(units[0])
+    await wait_for(lambda: ticks(units[0]) > n + 2)
+    assert await _still(units[1]) and await _still(units[2])
+    assert not await fz.thaw_together(freezers[1:]), "no longer a group: one was thawed alone"
+    for u in units[1:]:
+        await u.thaw()
+        n = ticks(u)
+        await wait_for(lambda: ticks(u) > n + 2)
+
+
+@pytest.mark.parametrize("kind", CGROUP_KINDS)
+async def test_freeze_together_only_when_the_job_cgroup_holds_just_these_units(tmp_path, cleanup, kind):
+    """Another unit of the job in the job's cgroup (say, under another agent of this host)
+    rules the shared write out: it must not be frozen with them."""
+    units = await _three_units(tmp_path, cleanup, kind)
+    assert not await fz.freeze_together([u.freezer for u in units[:2]])
+    assert not any(u.freezer.frozen for u in units)
+    assert not await fz.freeze_together([units[0].freezer])     # one unit: its own cgroup
+
+
+@pytest.mark.parametrize("kind", CGROUP_KINDS)
+async def test_a_job_left_frozen_by_a_dead_agent_is_thawed_unit_by_unit(tmp_path, cleanup, kind, monkeypatch):
+    """An agent killed between freezing a job's units together and thawing them: the next
+    agent knows nothing of it, and thawing a unit still lets it run (the job's cgroup is
+    thawed)."""
+    units = await _three_units(tmp_path, cleanup, kind)
+    assert await fz.freeze_together([u.freezer for u in units])
+    monkeypatch.setattr(fz, "_frozen_together", {})     # what a new agent process knows
+    for u in units:
+        u.freezer.frozen = True
+        await u.thaw()
+        n = ticks(u)
+        await wait_for(lambda: ticks(u) > n + 2)
+
+
+async def test_kill_of_a_unit_frozen_with_others_leaves_them_frozen(tmp_path, cleanup):
+    """A unit killed while frozen with its job's others: it dies, they stay frozen."""
+    kind = fz.freezer_kind()
+    if kind[0] == "signal":
+        pytest.skip("no cgroup freezer on this machine")
+    units = await _three_units(tmp_path, cleanup, kind)
+    assert await fz.freeze_together([u.freezer for u in units])
+    pids = units[0].pids()
+    await units[0].kill()
+    assert gone(pids)
+    assert await _still(units[1]) and await _still(units[2])
+    for u in units[1:]:
+        await u.thaw()
+        n = ticks(u)
+        await wait_for(lambda: ticks(u) > n + 2)

@@ -90,6 +90,10 @@ class Checkpointer(abc.ABC):
     #: changes anything: the stage runner then calls check_restorable only when a live tree of
     #: the unit is at stake (it must be refused before that tree is killed).
     rebuild_checks: ClassVar[bool] = False
+    #: The backend leaves the unit's freezer cgroup alone between stop and resume_cp (CRIU's
+    #: ``--freeze-cgroup`` writes the state it found back): several such units of one job may
+    #: then be frozen and thawed through their job's cgroup, one write for all of them.
+    freezer_untouched: ClassVar[bool] = False
 
     @abc.abstractmethod
     def plan_launch(self, unit: UnitProcess, argv: list[str]) -> LaunchPlan:
