@@ -424,8 +424,17 @@ class NodeAgent:
 
     def _chain_ended(self) -> None:
         self._chains -= 1
+        loop = asyncio.get_running_loop()
         if not self._chains:
-            asyncio.get_running_loop().call_later(AFTER_CHAIN, self._after_chains)
+            loop.call_later(AFTER_CHAIN, self._after_chains)
+        if self.runner.spares_wanted:
+            # the spare images dirs its prepare used, replaced while the checkpoint is sealed
+            # (its units run again by now): not in the way of the next checkpoint
+            loop.call_later(AFTER_CHAIN, self._make_spares)
+
+    def _make_spares(self) -> None:
+        if self.runner.spares_wanted:
+            self._spawn(self.runner.make_spares())
 
     def _after_chains(self) -> None:
         """``AFTER_CHAIN`` after the last chain's last answer went out: the unit list is
@@ -437,8 +446,6 @@ class NodeAgent:
             gate.set_result(None)
         if not self._chains:
             self._release_held()
-            if self.runner.spares_wanted:
-                self._spawn(self.runner.make_spares())
 
     def _release_held(self) -> None:
         """The held units' reports join the queue, in order, and the unit list is written."""
@@ -611,7 +618,7 @@ class NodeAgent:
             event(log, "unit launched", job=job, unit=name, pid=unit.root_pid)
             self.runner.spares_wanted.add(unit.unit_dir)   # its first checkpoint finds a spare
             if not self._chains:
-                self._spawn(self.runner.make_spares())
+                self._make_spares()
         except (CheckpointError, OSError, KeyError) as exc:
             event(log, "launch failed", logging.WARNING, job=job, unit=name, error=str(exc))
             await self._emit(protocol.event_key(self.site, self.node), "unit_event", node=self.node, job=job,
@@ -621,9 +628,15 @@ class NodeAgent:
                            res: dict[str, Any]) -> dict[str, Any]:
         """What follows a stage that succeeded on a unit: determinants flushed (checkpoint),
         the watchdog armed (prepare) or disarmed, the shim's interval moved on."""
-        job, name = unit.job, unit.name
         if stage == "checkpoint" and "LD_PRELOAD" in unit.env:
-            res = dict(res, data={**res.get("data", {}), "shipped": await self.shipper.flush_unit(job, name)})
+            res = dict(res, data={**res.get("data", {}),
+                                  "shipped": await self.shipper.flush_unit(unit.job, unit.name)})
+        self._after_stage_now(unit, stage, ckpt, args)
+        return res
+
+    def _after_stage_now(self, unit: Unit, stage: str, ckpt: str, args: dict[str, Any]) -> None:
+        """``_after_stage`` but the determinants' flush."""
+        job, name = unit.job, unit.name
         if stage == "prepare":
             self._arm_watchdog(unit, ckpt, args)
         if stage in ("resume_cp", protocol.ABORT_STAGE):
@@ -635,7 +648,6 @@ class NodeAgent:
         elif stage == "rebuild":
             self.shipper.rolled_back(job, name)
             self._set_interval(unit, int(args.get("interval", args.get("seq", 0))))
-        return res
 
     def _batchable(self, msg: dict[str, Any], stage: str) -> list[tuple[str, Unit, dict[str, Any]]] | None:
         """The message's units for one ``run_batch``, or None: the stage has no batch form, or
@@ -669,19 +681,21 @@ class NodeAgent:
             except TimeoutError:
                 outcomes = {name: CheckpointError(f"{stage} of {name} did not finish within {limit:g} s")
                             for name, _, _ in batch}
+            # the fields _stages answers with (run_batch's results are fresh copies: no copy here)
             results: dict[str, dict[str, Any]] = {}
+            shimmed = stage == "checkpoint"
             for name, unit, args in batch:
                 res = outcomes[name]
-                fields: dict[str, Any] = {"job": job, "unit": name, "node": self.node, "checkpoint": ckpt,
-                                          "stage": stage}
                 if isinstance(res, CheckpointError):
                     event(log, "stage failed", logging.WARNING, job=job, unit=name, stage=stage, checkpoint=ckpt,
                           error=str(res))
-                    fields.update(ok=False, ms=0.0, data={}, error=str(res))
-                else:
+                    results[name] = {"ok": False, "ms": 0.0, "data": {}, "error": str(res)}
+                    continue
+                if shimmed and "LD_PRELOAD" in unit.env:
                     res = await self._after_stage(unit, stage, ckpt, args, res)
-                    fields.update(ok=True, ms=float(res.get("ms", 0.0)), data=dict(res.get("data") or {}))
-                results[name] = fields
+                else:       # nothing to await: no coroutine per unit
+                    self._after_stage_now(unit, stage, ckpt, args)
+                results[name] = {"ok": True, "ms": float(res.get("ms", 0.0)), "data": res.get("data") or {}}
             return results
         finally:
             for name, _, _ in batch:
