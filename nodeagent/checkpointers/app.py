@@ -532,61 +532,71 @@ class AppCheckpointer(Checkpointer):
         """``prepare`` for many units: each request goes to every program before any answer is
         awaited (stage_batch); each unit's error, or None."""
         units = [u for u, _ in items]
-        outcomes = await self._request_units(units, lambda u, i: f"PRE_CHECKPOINT {self._ckpt_id(u, items[i][1])}",
+        outcomes = await self._request_units(units, "PRE_CHECKPOINT", lambda u, i: self._ckpt_id(u, items[i][1]),
                                              "OK", self.connect_timeout)
-        return await self._request_units(units, lambda u, i: f"CHECKPOINT {self._ckpt_id(u, items[i][1])} {items[i][1]}",
+        return await self._request_units(units, "CHECKPOINT", lambda u, i: f"{self._ckpt_id(u, items[i][1])} {items[i][1]}",
                                          "DONE", self.connect_timeout, outcomes)
 
     async def resume_cp_many(self, items: list[tuple[UnitProcess]]) -> list[BaseException | None]:
         """``resume_cp`` for many units (the post-checkpoint hook of those that have one)."""
         units = [t[0] for t in items]
         return await self._request_units(
-            units, lambda u, i: f"POST_CHECKPOINT {getattr(u, 'checkpoint_id', '') or '-'}", "OK", self.timeout)
+            units, "POST_CHECKPOINT", lambda u, i: getattr(u, "checkpoint_id", "") or "-", "OK", self.timeout)
 
-    async def _request_units(self, units: list[UnitProcess], line_of: Callable[[UnitProcess, int], str],
+    async def _request_units(self, units: list[UnitProcess], word: str, rest_of: Callable[[UnitProcess, int], str],
                              expect: str, connect_timeout: float,
                              outcomes: list[BaseException | None] | None = None) -> list[BaseException | None]:
-        """``_Session.request_all`` for each unit not already failed in ``outcomes``: units whose
-        program is connected in one ``request_many``, the others (still connecting) each on
-        the general path, side by side."""
+        """``_Session.request_all`` of ``<word> <rest_of(unit, i)>`` for each unit not already
+        failed in ``outcomes``: units whose program is connected in one ``request_many``, the
+        others (still connecting) each on the general path, side by side.  A program that does
+        not handle ``word`` (an optional request it did not announce) is not asked."""
         outcomes = list(outcomes) if outcomes is not None else [None] * len(units)
         reqs: list[tuple[_Conn, str]] = []
         owner: list[int] = []
         waiting: list[int] = []
+        sessions = self._sessions
         for i, unit in enumerate(units):
             if outcomes[i] is not None:
                 continue
-            try:
-                s = self._session(unit)
-            except CheckpointError as e:
-                outcomes[i] = e
+            s = sessions.get((unit.job, unit.name))
+            if s is None:
+                try:
+                    self._session(unit)
+                except CheckpointError as e:
+                    outcomes[i] = e
                 continue
             conns = s.live() if s.server is not None else []
             if not conns:
                 waiting.append(i)
                 continue
-            line = line_of(unit, i)
-            word = line.split(" ", 1)[0]
+            line = None
             for c in conns:
                 if c.handles(word):
+                    if line is None:
+                        line = f"{word} {rest_of(unit, i)}"
                     reqs.append((c, line))
                     owner.append(i)
 
         async def connect_then_ask(i: int) -> None:
             s = self._session(units[i])
             await s.wait_connected(connect_timeout, units[i].name)
-            await s.request_all(line_of(units[i], i), expect, self.timeout, units[i].name)
+            await s.request_all(f"{word} {rest_of(units[i], i)}", expect, self.timeout, units[i].name)
 
         # the connected programs are not kept waiting for those still connecting
-        done, answers = await asyncio.gather(
-            asyncio.gather(*(connect_then_ask(i) for i in waiting), return_exceptions=True),
-            request_many(reqs, self.timeout) if reqs else asyncio.sleep(0, []))
-        for i, res in zip(waiting, done):
-            if isinstance(res, BaseException):
-                outcomes[i] = res
-        for (conn, line), i, ans in zip(reqs, owner, answers):
+        if waiting:
+            done, answers = await asyncio.gather(
+                asyncio.gather(*(connect_then_ask(i) for i in waiting), return_exceptions=True),
+                request_many(reqs, self.timeout) if reqs else asyncio.sleep(0, []))
+            for i, res in zip(waiting, done):
+                if isinstance(res, BaseException):
+                    outcomes[i] = res
+        elif reqs:
+            answers = await request_many(reqs, self.timeout)
+        else:
+            return outcomes
+        for (conn, _), i, ans in zip(reqs, owner, answers):
             if outcomes[i] is None:
-                outcomes[i] = _verdict(units[i].name, line.split(" ", 1)[0], expect, conn, ans)
+                outcomes[i] = _verdict(units[i].name, word, expect, conn, ans)
         return outcomes
 
     quick_checkpoint = True     # checkpoint() only lists a directory: stage_batch runs it in turn
