@@ -2,7 +2,7 @@
 """Coordinated checkpoint and restart cost, against raw CRIU measured in the same run.
 
     python bench/bench_checkpoint.py [--broker amqp://guest:guest@localhost/] [--runs 30] [--rounds 3]
-                                     [--units 1,4,16,64] [--skip-scaling]
+                                     [--units 1,4,16,64] [--skip-scaling | --scaling-only]
 
 Table 1: one single-process C program with 5 MiB of touched memory (examples/counter.c),
 (a) raw ``criu dump`` / ``criu restore`` on the command line, (b) a gridckpt coordinated
@@ -21,7 +21,9 @@ written, not yet hashed nor synced); ``committed`` the time until the checkpoint
 (sha256 manifests, one syncfs) and listed.  Table 2: the coordinated checkpoint of 1, 4, 16
 and 64 units with the app backend (idle programs that answer at once and save a few bytes of
 state: bench/idle_app.py through nodeagent.appclient, and bench/idle_app.c, whose own share is
-next to nothing): the protocol's cost.
+next to nothing): the protocol's cost, with the store on disk (``--disk-dir``, /var/tmp) and
+in memory (/dev/shm), since every program writes its state file into the store and on a VM
+disk creating that file alone took 10 to 300 us.  ``--scaling-only`` runs Table 2 alone.
 """
 
 from __future__ import annotations
@@ -168,12 +170,16 @@ async def gridckpt_runs(url: str, binary: Path, work: Path, runs: int, twin: Raw
     return out
 
 
-async def scaling(url: str, counts: list[int], work: Path, command: list[str], runs: int = 9) -> dict[int, float]:
-    """Median coordinated checkpoint time of jobs of N app-level units running ``command``.
+async def scaling(url: str, counts: list[int], work: Path, command: list[str], runs: int = 5) -> dict[int, list[float]]:
+    """Coordinated checkpoint times (``runs`` each) of jobs of N app-level units running ``command``.
 
-    One agent holds a job of each size at once, and their checkpoints take turns (the order
-    rotating run by run): every size is measured at the same moments of the machine, whose
-    speed here can double from one minute to the next."""
+    One agent holds a job of each size at once.  Each job is checkpointed ``runs`` times in a
+    row, back to back, as a job checkpointed often is: a checkpoint's background work (the
+    units' states reported, their spare images dirs made) falls on the next checkpoint of the
+    same job, never on another size's (with the sizes taking turns checkpoint by checkpoint,
+    one unit's time was mostly measured right after 64 units' and carried their aftermath).
+    One more checkpoint before each series, not counted, settles it.  The order of the sizes
+    rotates from call to call (``bench`` calls this in rounds)."""
     jobs: dict[int, str] = {}
     times: dict[int, list[float]] = {n: [] for n in counts}
     async with Embedded(url, work / f"store-scale-{Path(command[-1]).name}-{url.split(':', 1)[0]}") as e:
@@ -185,12 +191,11 @@ async def scaling(url: str, counts: list[int], work: Path, command: list[str], r
         await asyncio.sleep(1.0 + sum(counts) * 0.02)  # every program has said HELLO
         for n in counts:
             await e.orch.control("checkpoint", {"job": jobs[n]})  # warm-up
-        for r in range(runs):
-            for n in counts[r % len(counts):] + counts[:r % len(counts)]:
+            for _ in range(runs):
                 times[n].append((await e.orch.control("checkpoint", {"job": jobs[n]}))["total_ms"])
         for job in jobs.values():
             await e.orch.control("cancel", {"job": job})
-    return {n: med(t) for n, t in times.items()}
+    return times
 
 
 def table(rows: list[list[str]]) -> str:
@@ -206,6 +211,71 @@ def _extend(into: dict[str, list[float]], more: dict[str, list[float]]) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> int:
+    if not args.scaling_only:
+        await table1(args)
+    if not args.skip_scaling:
+        await table2(args)
+    return 0
+
+
+def fs_type(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (the longest mount point above it)."""
+    best, kind = "", "?"
+    target = str(path.resolve())
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            mnt = parts[1].replace("\\040", " ")
+            if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, kind = mnt, parts[2]
+    return kind
+
+
+async def table2(args: argparse.Namespace) -> None:
+    """The scaling table: Python and C idle programs, with the store on disk and in memory."""
+    counts = [int(x) for x in args.units.split(",")]
+    stores = [("disk", Path(args.disk_dir))]
+    if fs_type(Path("/dev/shm")) == "tmpfs":
+        stores.append(("tmpfs", Path("/dev/shm")))
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        idle_c = Path(tmp) / "idle_app"
+        subprocess.run(["gcc", "-O2", "-o", str(idle_c), str(HERE / "idle_app.c")], check=True)
+        programs = [("Python", [sys.executable, str(HERE / "idle_app.py")]), ("C", [str(idle_c)])]
+        samples: dict[tuple[str, str], dict[int, list[float]]] = {}
+        # in rounds, each measuring every column with an agent of its own: one agent process
+        # measured 3.6 ms for one unit where the next measured 4.8, and the ratio moved with it
+        for r in range(args.scaling_rounds):
+            n = args.scaling_runs // args.scaling_rounds + (1 if r < args.scaling_runs % args.scaling_rounds else 0)
+            for where, parent in stores:
+                with tempfile.TemporaryDirectory(prefix="bench-scale-store-", dir=parent) as store:
+                    for prog, command in programs:
+                        turn = counts[r % len(counts):] + counts[:r % len(counts)]
+                        measured = await scaling(args.broker, turn, Path(store), command, runs=n)
+                        for size, times in measured.items():
+                            samples.setdefault((prog, where), {}).setdefault(size, []).extend(times)
+    got = {key: {size: med(times) for size, times in by_size.items()} for key, by_size in samples.items()}
+    header = ["units (app backend, amqp)"]
+    for where, parent in stores:
+        for prog, _ in programs:
+            header += [f"{prog}, {where} ms", "vs 1 unit"]
+    rows = [header]
+    for n in counts:
+        row = [str(n)]
+        for where, _ in stores:
+            for prog, _ in programs:
+                t = got[(prog, where)]
+                row += [f"{t[n]:.1f}", f"{t[n] / t[counts[0]]:.2f}x"]
+        rows.append(row)
+    print(f"\nTable 2: coordinated checkpoint time by number of units (median of {args.scaling_runs}: each job "
+          f"checkpointed in series, back to back, in {args.scaling_rounds} rounds whose order of sizes rotates), idle "
+          "programs answering through appclient (idle_app.py) or in C (idle_app.c)")
+    print(table(rows))
+    print("stores: " + ", ".join(f"{where} = {parent} ({fs_type(parent)})" for where, parent in stores)
+          + ".  Each program writes its state file into the store: on disk that file's creation "
+          "(10-300 us on a VM disk) is the program's own cost; in memory what is left is the protocol's.")
+
+
+async def table1(args: argparse.Namespace) -> None:
     raw: dict[str, list[float]] = {}
     raw_alone: dict[str, list[float]] = {}
     backend: dict[str, list[float]] = {}
@@ -252,20 +322,6 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"raw criu: {len(raw['dump'])} dumps and restores of the twin, one next to each gridckpt run")
         print(f"raw criu alone in a loop of its own (bench_criu_raw.compare): dump {med(raw_alone['dump']):.1f} ms, "
               f"restore {med(raw_alone['restore']):.1f} ms")
-        if not args.skip_scaling:
-            counts = [int(x) for x in args.units.split(",")]
-            idle_c = work / "idle_app"
-            subprocess.run(["gcc", "-O2", "-o", str(idle_c), str(HERE / "idle_app.c")], check=True)
-            py = await scaling(args.broker, counts, work, [sys.executable, str(HERE / "idle_app.py")])
-            c = await scaling(args.broker, counts, work, [str(idle_c)])
-            rows = [["units (app backend, amqp)", "Python program ms", "vs 1 unit", "C program ms", "vs 1 unit"]]
-            for n in counts:
-                rows.append([str(n), f"{py[n]:.1f}", f"{py[n] / py[counts[0]]:.2f}x",
-                             f"{c[n]:.1f}", f"{c[n] / c[counts[0]]:.2f}x"])
-            print("\nTable 2: coordinated checkpoint time by number of units (median of 9; the sizes take "
-                  "turns), idle programs answering through appclient (idle_app.py) or in C (idle_app.c)")
-            print(table(rows))
-    return 0
 
 
 KDAT = Path("/run/criu.kdat")
@@ -297,11 +353,18 @@ def main() -> int:
                     help="split the runs into this many rounds, each measuring raw CRIU, amqp:// and memory://")
     ap.add_argument("--units", default="1,4,16,64")
     ap.add_argument("--skip-scaling", action="store_true")
+    ap.add_argument("--scaling-only", action="store_true", help="Table 2 only")
+    ap.add_argument("--scaling-runs", type=int, default=15, help="checkpoints per job size in Table 2")
+    ap.add_argument("--scaling-rounds", type=int, default=3, help="Table 2's runs split into rounds")
+    ap.add_argument("--disk-dir", default="/var/tmp",
+                    help="where Table 2's on-disk store goes (default /var/tmp, on disk on Debian)")
     ap.add_argument("--kdat-cache", action="store_true",
                     help="run with CRIU's kernel-feature cache in /run, as a systemd host has it")
     args = ap.parse_args()
     if not 1 <= args.rounds <= args.runs:
         ap.error("--rounds must be between 1 and --runs")
+    if not 1 <= args.scaling_rounds <= args.scaling_runs:
+        ap.error("--scaling-rounds must be between 1 and --scaling-runs")
     args.broker = bench_broker(args.broker)
     made = install_kdat_cache() if args.kdat_cache else False
     try:
