@@ -616,7 +616,7 @@ class NodeAgent:
             plan = backend.plan_launch(unit, list(spec["command"]))
             await unit.launch(plan)
             event(log, "unit launched", job=job, unit=name, pid=unit.root_pid)
-            self.runner.spares_wanted.add(unit.unit_dir)   # its first checkpoint finds a spare
+            self.runner.spares_wanted.add(str(unit.unit_dir))   # its first checkpoint finds a spare
             if not self._chains:
                 self._make_spares()
         except (CheckpointError, OSError, KeyError) as exc:

@@ -63,7 +63,7 @@ class UnitStageRunner:
         self.callback_timeout = callback_timeout
         self._done: OrderedDict[tuple, asyncio.Future] = OrderedDict()
         self._ctx: dict[tuple, dict[str, Any]] = {}
-        self.spares_wanted: set[Path] = set()    # unit dirs whose spare images dir was used
+        self.spares_wanted: set[str] = set()    # unit dirs whose spare images dir was used
 
     # -- backends ------------------------------------------------------------------------
     def backend(self, name: str) -> Checkpointer:
@@ -79,7 +79,7 @@ class UnitStageRunner:
     def new_images_dir(self, images: Path) -> None:
         """(thread) ``_fresh_images_dir``, noting that the unit dir wants a new spare."""
         _fresh_images_dir(images)
-        self.spares_wanted.add(images.parent)
+        self.spares_wanted.add(os.path.dirname(images))
 
     async def make_spares(self) -> None:
         """Replace the spare images dirs used since the last call (in a thread; for when no
@@ -411,11 +411,13 @@ def _fresh_images_dir(images: Path) -> bool:
     150 us, and 64 of them competed with the programs writing their own state files.  The
     rename replaces nothing but an empty directory (rename(2)); a non-empty one is handled as
     below.  Without a spare: one mkdir.  True when the spare was used."""
+    path = os.fspath(images)      # strings: this runs for every unit of a checkpoint
     try:
-        os.rename(images.parent / SPARE_DIR, images)
+        os.rename(os.path.join(os.path.dirname(path), SPARE_DIR), path)
         return True
     except OSError:
         pass     # no spare (not made yet, or used), or images is not empty: the general path
+    images = Path(images)
     try:
         os.mkdir(images)
         return False
@@ -431,11 +433,11 @@ def _fresh_images_dir(images: Path) -> bool:
     return False
 
 
-def make_spare_dirs(unit_dirs: list[Path]) -> None:
+def make_spare_dirs(unit_dirs: list[str | Path]) -> None:
     """(thread) Each unit dir's spare images directory, where it is missing."""
     for d in unit_dirs:
         try:
-            os.mkdir(d / SPARE_DIR)
+            os.mkdir(os.path.join(d, SPARE_DIR))
         except FileExistsError:
             pass
         except OSError as e:       # the unit dir went away meanwhile (a purge): no spare
