@@ -7,6 +7,8 @@ Layout::
     <root>/jobs/<job>/units/<unit>/<seq>/...            images of one unit checkpoint
     <root>/jobs/<job>/units/<unit>/<seq>/manifest.json  written last, by atomic rename
     <root>/jobs/<job>/units/<unit>/.last_seq            highest seq whose dir was deleted
+    <root>/jobs/<job>/units/<unit>/.spare-images        an empty dir the agent made ahead; the
+                                                        next checkpoint's images dir, renamed
     <root>/jobs/<job>/checkpoints/<id>.json             a committed coordinated checkpoint
     <root>/jobs/<job>/checkpoints/<id>.pending.json     a checkpoint begun, not (yet) committed
     <root>/jobs/<job>/determinants/                     the job's determinant log
