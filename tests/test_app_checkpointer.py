@@ -405,3 +405,30 @@ async def test_bad_connections_are_closed_and_the_program_still_checkpoints(env,
     assert backend.connected_pids(u) == [u.root_pid]
     await checkpoint(runner, u, "ck1", 1)
     assert json.loads((store.images_dir("job1", "r", 1) / "state.json").read_text()) == {"n": 41}
+
+
+async def test_the_checkpoint_stage_checks_the_program_wrote_its_state(tmp_path):
+    """A state file at the top settles it at once; a program that wrote only subdirectories is
+    walked; nothing written (a manifest is not state), or no images dir at all, is refused."""
+    class U:
+        name = "u"
+    backend = AppCheckpointer()
+    top = tmp_path / "top"
+    top.mkdir()
+    (top / "state").write_text("1")
+    assert backend.checkpoint_now(U(), top) is True
+    await backend.checkpoint(U(), top)
+    deep = tmp_path / "deep"
+    (deep / "a" / "b").mkdir(parents=True)
+    (deep / "a" / "b" / "state").write_text("1")
+    assert backend.checkpoint_now(U(), deep) is False       # a walk must tell
+    await backend.checkpoint(U(), deep)
+    for name, make in (("empty", lambda d: None), ("manifest-only", lambda d: (d / "manifest.json").write_text("{}")),
+                       ("empty-subdir", lambda d: (d / "sub").mkdir())):
+        d = tmp_path / name
+        d.mkdir()
+        make(d)
+        with pytest.raises(CheckpointError, match="wrote no state"):
+            await backend.checkpoint(U(), d)
+    with pytest.raises(CheckpointError, match="is missing"):
+        await backend.checkpoint(U(), tmp_path / "nowhere")

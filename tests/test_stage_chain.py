@@ -415,14 +415,14 @@ async def test_app_units_are_frozen_through_their_job_and_all_run_after_an_abort
         await cell.orch.control("checkpoint", {"job": job})
         assert calls == [(3, True)] and not freezer._frozen_together
         await all_count()
-        checkpoint = AppCheckpointer.checkpoint
+        checkpoint_now = AppCheckpointer.checkpoint_now
 
-        async def refuse_u1(self: AppCheckpointer, unit: Any, images: Path) -> None:
+        def refuse_u1(self: AppCheckpointer, unit: Any, images: Path) -> bool:
             if unit.name == "u1":
                 raise CheckpointError("unit u1: state refused (test)")
-            await checkpoint(self, unit, images)
+            return checkpoint_now(self, unit, images)
 
-        monkeypatch.setattr(AppCheckpointer, "checkpoint", refuse_u1)
+        monkeypatch.setattr(AppCheckpointer, "checkpoint_now", refuse_u1)
         with pytest.raises(ControlError, match="aborted.*state refused"):
             await cell.orch.control("checkpoint", {"job": job})
         assert calls[-1] == (3, True) and not freezer._frozen_together

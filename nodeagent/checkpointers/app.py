@@ -602,18 +602,29 @@ class AppCheckpointer(Checkpointer):
     quick_checkpoint = True     # checkpoint() only lists a directory: stage_batch runs it in turn
     freezer_untouched = True    # see Checkpointer
 
+    def checkpoint_now(self, unit: UnitProcess, images: Path) -> bool:
+        """``checkpoint`` when one scandir settles it (nearly always: a state file at the top):
+        True if the state is there, CheckpointError if it is not; False when only a walk in a
+        thread can tell (the program wrote nothing but subdirectories): await ``checkpoint``."""
+        try:
+            found, subdirs = _top_level_files(images)
+        except (FileNotFoundError, NotADirectoryError):
+            raise CheckpointError(f"unit {unit.name}: images directory {images} is missing") from None
+        if found:
+            return True
+        if not subdirs:
+            raise CheckpointError(f"unit {unit.name}: the program wrote no state into {images}")
+        return False
+
     async def checkpoint(self, unit: UnitProcess, images: Path) -> None:
         """The state was written at prepare; check it is there."""
         images = Path(images)
         # one scandir on the loop finds a state file at the top in nearly every case; only a
         # program that wrote nothing but subdirectories costs a walk in a thread
-        try:
-            found, subdirs = _top_level_files(images)
-        except (FileNotFoundError, NotADirectoryError):
-            raise CheckpointError(f"unit {unit.name}: images directory {images} is missing") from None
-        if not found and subdirs:
-            found = await asyncio.to_thread(
-                lambda: any(p.is_file() and p.name != "manifest.json" for p in images.rglob("*")))
+        if self.checkpoint_now(unit, images):
+            return
+        found = await asyncio.to_thread(
+            lambda: any(p.is_file() and p.name != "manifest.json" for p in images.rglob("*")))
         if not found:
             raise CheckpointError(f"unit {unit.name}: the program wrote no state into {images}")
 
