@@ -436,18 +436,10 @@ class Freezer:
     def _v1_state(self) -> str:
         return _read(os.path.join(self.path, "freezer.state")).strip()
 
-    def _v2_frozen(self) -> bool:
-        for line in _read(os.path.join(self.path, "cgroup.events")).splitlines():
-            if line.startswith("frozen "):
-                return line.split()[1] == "1"
-        return False
-
     def is_frozen(self) -> bool:
         """What the kernel says (cgroup kinds) or what we did (signal kind)."""
-        if self.kind == "v1" and self.path:
-            return self._v1_state() == "FROZEN"
-        if self.kind == "v2" and self.path:
-            return self._v2_frozen()
+        if self.kind in ("v1", "v2") and self.path:
+            return _frozen_at(self.kind, self.path)
         return self.frozen
 
     def start_freeze(self) -> None:
@@ -459,10 +451,7 @@ class Freezer:
         try:
             if not self._created:
                 self.create()
-            if self.kind == "v1":
-                _write(os.path.join(self.path, "freezer.state"), "FROZEN")
-            else:
-                _write(os.path.join(self.path, "cgroup.freeze"), "1")
+            _ask(self.kind, self.path, True)
             self._freeze_started = True
         except (OSError, CheckpointError):
             pass
@@ -480,16 +469,10 @@ class Freezer:
         ask, self._freeze_started = not self._freeze_started, False   # start_freeze asked already
         try:
             while True:
-                if self.kind == "v1":
-                    if ask:
-                        _write(os.path.join(self.path, "freezer.state"), "FROZEN")
-                    done = self._v1_state() == "FROZEN"
-                else:
-                    if ask:
-                        _write(os.path.join(self.path, "cgroup.freeze"), "1")
-                    done = self._v2_frozen()
+                if ask:
+                    _ask(self.kind, self.path, True)
                 ask = True
-                if done:
+                if _frozen_at(self.kind, self.path):
                     self.frozen = True
                     return
                 if time.monotonic() > deadline:
@@ -530,10 +513,8 @@ class Freezer:
 
     def _thaw_now(self) -> None:
         self._leave_group()
-        if self.kind == "v1":
-            _write(os.path.join(self.path, "freezer.state"), "THAWED")
-        elif self.kind == "v2":
-            _write(os.path.join(self.path, "cgroup.freeze"), "0")
+        if self.kind in ("v1", "v2"):
+            _ask(self.kind, self.path, False)
 
     async def thaw(self, timeout: float = FREEZE_TIMEOUT) -> None:
         """Let the tree run again (idempotent)."""
@@ -555,7 +536,7 @@ class Freezer:
                     self.frozen = False
                     return
                 # v1: one read (THAWED, not FREEZING/FROZEN); v2: cgroup.events
-                if (self._v1_state() == "THAWED") if self.kind == "v1" else not self._v2_frozen():
+                if (self._v1_state() == "THAWED") if self.kind == "v1" else not _frozen_at("v2", self.path):
                     self.frozen = False
                     return
                 if self._thaw_parent_left_frozen():

@@ -77,7 +77,8 @@ class UnitStageRunner:
         return self.backend(unit.spec.get("checkpointer") or "criu")
 
     def new_images_dir(self, images: Path) -> None:
-        """(thread) ``_fresh_images_dir``, noting that the unit dir wants a new spare."""
+        """(thread) ``_fresh_images_dir``, noting that the unit dir wants a new spare (a note
+        lost to a concurrent ``make_spares`` only costs that unit a mkdir next time)."""
         _fresh_images_dir(images)
         self.spares_wanted.add(os.path.dirname(images))
 
@@ -406,9 +407,9 @@ def _fresh_images_dir(images: Path) -> bool:
     """Create the images dir; clear a partial one; refuse to touch a committed one.
 
     The usual case is one rename: the unit's spare directory (``SPARE_DIR``, made ahead by
-    ``make_spare_dir`` while nothing waits) becomes the images dir.  A rename allocates no
+    ``make_spare_dirs`` while nothing waits) becomes the images dir.  A rename allocates no
     inode, where a mkdir does: on this kind of host (ext4 on a VM disk) a mkdir took 10 to
-    150 us, and 64 of them competed with the programs writing their own state files.  The
+    300 us, and 64 of them competed with the programs writing their own state files.  The
     rename replaces nothing but an empty directory (rename(2)); a non-empty one is handled as
     below.  Without a spare: one mkdir.  True when the spare was used."""
     path = os.fspath(images)      # strings: this runs for every unit of a checkpoint
