@@ -351,27 +351,22 @@ async def _checkpoint(runner: "UnitStageRunner", cid: str, items: list[_Item]) -
 async def _resume_cp(runner: "UnitStageRunner", cid: str, items: list[_Item]) -> None:
     live = _enter(runner, cid, items, "resume_cp", alive_first=False)
     freezers = _freezers_together(runner, live)
-    if freezers is not None:     # every program's RESUME first, then one thaw for all
-        for it in live:
-            try:
-                await runner.backend_for(it.unit).before_thaw(it.unit)
-            except CheckpointError as exc:
-                it.fail(exc)
-        live = [it for it in live if it.live]
+    for it in live:     # neither waits for the program: one after the other
+        try:
+            await runner.backend_for(it.unit).before_thaw(it.unit)
+            if freezers is None:
+                await it.unit.thaw()
+        except CheckpointError as exc:
+            it.fail(exc)
+    live = [it for it in live if it.live]
+    if freezers is not None:     # every program's RESUME is out: one thaw for all
         together = len(live) == len(freezers) and await thaw_together(freezers)
         for it in live:
             try:
                 await it.unit.thaw(freezer_done=together)
             except CheckpointError as exc:
                 it.fail(exc)
-    else:
-        for it in live:     # neither waits for the program: one after the other
-            try:
-                await runner.backend_for(it.unit).before_thaw(it.unit)
-                await it.unit.thaw()
-            except CheckpointError as exc:
-                it.fail(exc)
-    live = [it for it in live if it.live]
+        live = [it for it in live if it.live]
     await _backend_calls(runner, live, "resume_cp", lambda it: (it.unit,))
     live = [it for it in live if it.live]
     await _callbacks(runner, live, "post_checkpoint", cid)
