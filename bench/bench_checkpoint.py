@@ -66,9 +66,10 @@ class Embedded:
     has no other way), or as its own ``gridckpt agent`` daemon (amqp://, as deployed: the
     two daemons then do not share one Python interpreter's CPU time)."""
 
-    def __init__(self, url: str, store: Path) -> None:
+    def __init__(self, url: str, store: Path, agent_env: dict[str, str] | None = None) -> None:
         self.url = url
         self.store = Store(store)
+        self.agent_env = agent_env or {}
         self.agent: NodeAgent | None = None
         self.agent_proc: subprocess.Popen | None = None
 
@@ -86,7 +87,7 @@ class Embedded:
             self.agent_proc = subprocess.Popen(
                 [sys.executable, "-m", "orchestrator.cli", "agent", "--broker", self.url, "--store",
                  str(self.store.root), "--node", "bench", "--site", "b", "--heartbeat", "0.5"],
-                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **self.agent_env})
         deadline = time.monotonic() + 30
         while not self.orch.live_agents():
             if time.monotonic() > deadline:
@@ -127,10 +128,20 @@ class Embedded:
         return job
 
 
-async def gridckpt_runs(url: str, binary: Path, work: Path, runs: int, twin: RawTwin) -> dict[str, list[float]]:
+SETTLE = 0.3   # s of quiet before every timed operation (see gridckpt_runs)
+
+
+async def gridckpt_runs(url: str, binary: Path, work: Path, runs: int, twin: RawTwin,
+                        agent_env: dict[str, str] | None = None) -> dict[str, list[float]]:
     """Checkpoint and restart of the 5 MiB counter through gridckpt, per stage; next to each,
     the same with raw CRIU on ``twin`` (keys ``raw dump``, ``raw restore``), in alternating
-    order."""
+    order.  ``SETTLE`` seconds of quiet come before every timed operation, raw or not, so
+    that none runs beside the aftermath of another: gridckpt's agent starts the next criu
+    ahead once a checkpoint or restart is over (a criu start-up: 20-40 ms of kernel probing
+    on this VM, which the twin's criu beside it would share), a restored tree is moved into
+    its cgroup, the twin is thawed.  A job checkpointed every few seconds or minutes has that
+    quiet too.  Keys ``ahead checkpoint`` / ``ahead restart``: 1 when the agent's criu was
+    started ahead, else 0."""
     spec = parse_job({"name": "bench", "stage_timeout": "30s", "units": [{
         "name": "counter", "checkpointer": "criu",
         "command": ["sh", "-c", f'exec {binary} 5 "$GRIDCKPT_UNIT_DIR/out" 20']}]}, "bench").to_dict()
@@ -139,34 +150,41 @@ async def gridckpt_runs(url: str, binary: Path, work: Path, runs: int, twin: Raw
     def add(key: str, value: float) -> None:
         out.setdefault(key, []).append(value)
 
-    store = work / f"store-{url.split(':', 1)[0]}"
-    async with Embedded(url, store) as e:
+    store = work / f"store-{url.split(':', 1)[0]}{'-spot' if agent_env else ''}"
+    async with Embedded(url, store, agent_env) as e:
         job = await e.submit(spec)
         await asyncio.sleep(0.3)
         for i in range(runs):
             raw_first = i % 2 == 1
             if raw_first:
+                await asyncio.sleep(SETTLE)
                 add("raw dump", await asyncio.to_thread(twin.dump))
+            await asyncio.sleep(SETTLE)
             ck = await e.orch.control("checkpoint", {"job": job})
             add("checkpoint total", ck["total_ms"])
             add("checkpoint committed", ck["committed_ms"])
+            add("ahead checkpoint", float(bool(ck["units"][0].get("started_ahead"))))
             for stage, ms in ck["stages_ms"].items():
                 add(f"checkpoint {stage}", ms)
             if not raw_first:
+                await asyncio.sleep(SETTLE)
                 add("raw dump", await asyncio.to_thread(twin.dump))
             await asyncio.to_thread(twin.kill)
             e.kill_unit(job, "counter")
             while e.orch.jobs[job].units["counter"].state != "failed":
                 await asyncio.sleep(0.005)
             if raw_first:
+                await asyncio.sleep(SETTLE)
                 add("raw restore", await asyncio.to_thread(twin.restore))
+            await asyncio.sleep(SETTLE)
             rs = await e.orch.control("restart", {"job": job, "checkpoint": ck["checkpoint"]})
             add("restart total", rs["total_ms"])
+            add("ahead restart", float(bool(rs["units"][0].get("started_ahead"))))
             for stage, ms in rs["stages_ms"].items():
                 add(f"restart {stage}", ms)
             if not raw_first:
+                await asyncio.sleep(SETTLE)
                 add("raw restore", await asyncio.to_thread(twin.restore))
-            await asyncio.sleep(0.05)
     return out
 
 
@@ -276,11 +294,15 @@ async def table2(args: argparse.Namespace) -> None:
 
 
 async def table1(args: argparse.Namespace) -> None:
+    """Raw CRIU, the backend alone, gridckpt over amqp:// and memory:// with criu started ahead
+    (the default), and over amqp:// with criu started on the spot (GRIDCKPT_CRIU_AHEAD=0: what
+    the stages themselves add to CRIU)."""
     raw: dict[str, list[float]] = {}
     raw_alone: dict[str, list[float]] = {}
     backend: dict[str, list[float]] = {}
-    amqp: dict[str, list[float]] = {}
-    mem: dict[str, list[float]] = {}
+    cols: dict[str, dict[str, list[float]]] = {"amqp": {}, "memory": {}, "amqp, spot": {}}
+    runs_of = {"amqp": (args.broker, None), "memory": ("memory://bench", None),
+               "amqp, spot": (args.broker, {"GRIDCKPT_CRIU_AHEAD": "0"})}
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
         work = Path(tmp)
         binary = work / "counter"
@@ -295,33 +317,37 @@ async def table1(args: argparse.Namespace) -> None:
                 alone = await compare(max(2, n // 2), 5)    # the backend alone, and raw CRIU beside it
                 _extend(backend, alone["backend"])
                 _extend(raw_alone, alone["raw criu"])
-                for url, into in ((args.broker, amqp), ("memory://bench", mem)):
-                    got = await gridckpt_runs(url, binary, work / f"r{r}", n, twin)
+                for name, (url, env) in runs_of.items():
+                    got = await gridckpt_runs(url, binary, work / f"r{r}", n, twin, env)
                     _extend(raw, {"dump": got.pop("raw dump"), "restore": got.pop("raw restore")})
-                    _extend(into, got)
+                    _extend(cols[name], got)
         finally:
             twin.close()
         rdump, rrest = med(raw["dump"]), med(raw["restore"])
         alone = {"checkpoint checkpoint": backend["checkpoint"], "restart rebuild": backend["rebuild"],
                  "restart resume_rst": backend["resume_rst"]}
-        rows = [["median ms (5 MiB C program)", "raw criu", "backend alone", "gridckpt amqp", "gridckpt memory",
-                 "amqp / raw", "memory / raw"]]
+        names = list(cols)
+        rows = [["median ms (5 MiB C program)", "raw criu", "backend alone"] + [f"gridckpt {c}" for c in names]
+                + [f"{c} / raw" for c in names]]
         for key in ["checkpoint prepare", "checkpoint stop", "checkpoint checkpoint", "checkpoint resume_cp",
                     "checkpoint total", "checkpoint seal", "checkpoint committed",
                     "restart rebuild", "restart resume_rst", "restart total"]:
             base = rdump if key in ("checkpoint total", "checkpoint committed") else rrest if key == "restart total" else None
-            rawcol = f"{base:.1f}" if base is not None else "-"
-            ratio = f"{med(amqp[key]) / base:.2f}x" if base else "-"
-            mratio = f"{med(mem[key]) / base:.2f}x" if base else "-"
-            rows.append([key, rawcol, f"{med(alone[key]):.1f}" if key in alone else "-", f"{med(amqp[key]):.1f}",
-                         f"{med(mem[key]):.1f}", ratio, mratio])
+            rows.append([key, f"{base:.1f}" if base is not None else "-",
+                         f"{med(alone[key]):.1f}" if key in alone else "-"]
+                        + [f"{med(cols[c][key]):.1f}" for c in names]
+                        + [f"{med(cols[c][key]) / base:.2f}x" if base else "-" for c in names])
         cache = "with" if KDAT.exists() else "without"
         print(f"\nTable 1: checkpoint and restart, {args.runs} runs each in {args.rounds} rounds, {cache} CRIU's kdat cache "
               "(2009: 590 ms / 1,665 ms)")
         print(table(rows))
-        print(f"raw criu: {len(raw['dump'])} dumps and restores of the twin, one next to each gridckpt run")
+        print(f"raw criu: {len(raw['dump'])} dumps and restores of the twin, one next to each gridckpt run; "
+              f"{SETTLE:g} s of quiet before every timed operation")
+        print("criu started ahead by the agent: " + "; ".join(
+            f"{c}: {int(sum(cols[c]['ahead checkpoint']))}/{len(cols[c]['ahead checkpoint'])} checkpoints, "
+            f"{int(sum(cols[c]['ahead restart']))}/{len(cols[c]['ahead restart'])} restarts" for c in names))
         print(f"raw criu alone in a loop of its own (bench_criu_raw.compare): dump {med(raw_alone['dump']):.1f} ms, "
-              f"restore {med(raw_alone['restore']):.1f} ms")
+              f"restore {med(raw_alone['restore']):.1f} ms; the backend alone starts criu on the spot")
 
 
 KDAT = Path("/run/criu.kdat")

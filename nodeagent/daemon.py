@@ -37,7 +37,7 @@ from .stages import UnitStageRunner
 from .units import Unit, become_subreaper
 
 log = logging.getLogger("gridckpt.agent")
-HOLD_ANSWER = 0.002   # s a chained stage's answer waits for the next one (see NodeAgent._stages)
+HOLD_ANSWER = float(os.environ.get("X_HOLD", "0.002"))   # s a chained stage's answer waits for the next one (see NodeAgent._stages)
 AFTER_CHAIN = 0.003   # s after a chain's last answer is out before the background work starts
 FULL_REPORT_EVERY = 5   # heartbeats between two full reports of a unit (see _light_beat)
 
@@ -110,6 +110,7 @@ class NodeAgent:
         self._save_after_chain = False   # a held unit changed what the unit list says
         self._listing: dict[tuple[str, str], int] = {}   # unit -> the write listing it as restarting
         self._gate: asyncio.Future | None = None   # see background_gate
+        self._ready_wanted: set[tuple[str, str]] = set()   # units whose backend gets ready next (_get_ready)
 
     @property
     def queue_name(self) -> str:
@@ -257,6 +258,7 @@ class NodeAgent:
         if self._save_task is not None:
             await asyncio.gather(self._save_task, return_exceptions=True)
         await asyncio.to_thread(self._save_units)
+        await self.runner.close()
         event(log, "agent stopped", node=self.node)
 
     async def _emit(self, key: str, type_: str, **fields: Any) -> None:
@@ -311,6 +313,8 @@ class NodeAgent:
         change asks for.  Other units' reports (a unit of another job that died) go at once."""
         key, row = (unit.job, unit.name), (unit.root_pid, unit.started, unit.ended)
         same_tree = self._saved.get(key) == row   # a freeze or thaw: the unit file stays as it is
+        if unit.ended:
+            self.runner.unit_ended(unit)
         held = key in self._held_units
         if unit.state == "restarting":
             # listed as being restored (no pid yet) while its tree comes back: written now,
@@ -396,6 +400,7 @@ class NodeAgent:
 
         self._chains += 1
         self._held_units.update((msg["job"], str(name)) for name in msg["units"])
+        self._ready_wanted.update((msg["job"], str(name)) for name in msg["units"])
         try:
             for i, stage in enumerate(stages):
                 if stage != msg["stage"] and msg["checkpoint"] in self._aborted:
@@ -427,14 +432,27 @@ class NodeAgent:
         loop = asyncio.get_running_loop()
         if not self._chains:
             loop.call_later(AFTER_CHAIN, self._after_chains)
-        if self.runner.spares_wanted:
+        if self.runner.spares_wanted or (self._ready_wanted and not self._chains):
             # the spare images dirs its prepare used, replaced while the checkpoint is sealed
-            # (its units run again by now): not in the way of the next checkpoint
+            # (its units run again by now): not in the way of the next checkpoint; then the
+            # backends get ready for the units' next stages
             loop.call_later(AFTER_CHAIN, self._make_spares)
 
     def _make_spares(self) -> None:
-        if self.runner.spares_wanted:
-            self._spawn(self.runner.make_spares())
+        if self.runner.spares_wanted or self._ready_wanted:
+            self._spawn(self._get_ready())
+
+    async def _get_ready(self) -> None:
+        """Spare images dirs made, then (no stage chain running: it would compete with them)
+        each unit's backend gets ready ahead for its next checkpoint or restart."""
+        await self.runner.make_spares()
+        if self._chains:
+            return      # the last chain to end calls again
+        wanted, self._ready_wanted = self._ready_wanted, set()
+        units = [u for u in (self.units.get(k) for k in wanted) if u is not None and not u.ended
+                 and u.root_pid is not None and u.state == "running"]
+        if units:
+            await self.runner.ready_next(units)
 
     def _after_chains(self) -> None:
         """``AFTER_CHAIN`` after the last chain's last answer went out: the unit list is
@@ -617,6 +635,7 @@ class NodeAgent:
             await unit.launch(plan)
             event(log, "unit launched", job=job, unit=name, pid=unit.root_pid)
             self.runner.spares_wanted.add(str(unit.unit_dir))   # its first checkpoint finds a spare
+            self._ready_wanted.add((job, name))
             if not self._chains:
                 self._make_spares()
         except (CheckpointError, OSError, KeyError) as exc:

@@ -322,30 +322,31 @@ async def _checkpoint(runner: "UnitStageRunner", cid: str, items: list[_Item]) -
         for it, res in zip(group, outcomes):
             if isinstance(res, BaseException):
                 it.fail(res)
-    to_seal: list[tuple[_Item, dict[str, Any]]] = []
+    to_seal: list[tuple[_Item, dict[str, Any], dict[str, Any]]] = []
     for it in live:
         if not it.live:
             continue
         meta = runner.checkpoint_meta(it.unit, cid, it.ctx, backend_ms[id(it)])
+        note = runner.backend_for(it.unit).stage_note(it.unit)
         if it.args.get("seal_later"):
             it.ctx["unsealed"] = meta
-            it.finish(runner.checkpoint_data(it.ctx, backend_ms[id(it)]))
+            it.finish(runner.checkpoint_data(it.ctx, backend_ms[id(it)], None, note))
         else:
-            to_seal.append((it, meta))
+            to_seal.append((it, meta, note))
     if to_seal:
         def write_all() -> list[Any]:
             out: list[Any] = []
-            for it, meta in to_seal:
+            for it, meta, _ in to_seal:
                 try:
                     out.append(runner.manifest_now(it.unit, it.ctx["images"], meta, it.args))
                 except CheckpointError as exc:
                     out.append(exc)
             return out
-        for (it, _), manifest in zip(to_seal, await asyncio.to_thread(write_all)):
+        for (it, _, note), manifest in zip(to_seal, await asyncio.to_thread(write_all)):
             if isinstance(manifest, BaseException):
                 it.fail(manifest)
             else:
-                it.finish(runner.checkpoint_data(it.ctx, backend_ms[id(it)], manifest))
+                it.finish(runner.checkpoint_data(it.ctx, backend_ms[id(it)], manifest, note))
 
 
 async def _resume_cp(runner: "UnitStageRunner", cid: str, items: list[_Item]) -> None:

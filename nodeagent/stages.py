@@ -89,6 +89,28 @@ class UnitStageRunner:
         if dirs:
             await asyncio.to_thread(make_spare_dirs, dirs)
 
+    async def ready_next(self, units: list[Any]) -> None:
+        """Each unit's backend gets ready ahead for its next checkpoint or restart
+        (Checkpointer.ready_next; for when no stage waits, after make_spares)."""
+        for unit in units:
+            backend = self.backend_for(unit)
+            if backend.gets_ready:
+                try:
+                    await backend.ready_next(unit, Path(unit.unit_dir) / SPARE_DIR)
+                except Exception:       # never the unit's problem: its stages do without
+                    log.exception("getting ready ahead failed for %s/%s", unit.job, unit.name)
+
+    def unit_ended(self, unit: Any) -> None:
+        """The unit's tree is gone: its backend drops what it had ready for it."""
+        backend = self.backends.get(unit.spec.get("checkpointer") or "criu")
+        if backend is not None and backend.gets_ready:
+            backend.unit_ended(unit)
+
+    async def close(self) -> None:
+        """The agent stops: every backend ends what it started ahead."""
+        for backend in self.backends.values():
+            await backend.close()
+
     # -- entry point ---------------------------------------------------------------------
     async def run(self, unit: Any, stage: str, checkpoint_id: str, seq: int | None = None,
                   args: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -210,9 +232,9 @@ class UnitStageRunner:
         meta = self.checkpoint_meta(unit, cid, ctx, backend_ms)
         if args.get("seal_later"):
             ctx["unsealed"] = meta
-            return self.checkpoint_data(ctx, backend_ms)
+            return self.checkpoint_data(ctx, backend_ms, None, backend.stage_note(unit))
         manifest = await self._write_manifest(unit, images, meta, args)
-        return self.checkpoint_data(ctx, backend_ms, manifest)
+        return self.checkpoint_data(ctx, backend_ms, manifest, backend.stage_note(unit))
 
     def checkpoint_meta(self, unit: Any, cid: str, ctx: dict[str, Any], backend_ms: float) -> dict[str, Any]:
         """What a unit's manifest says besides its files (the checkpoint stage's)."""
@@ -222,10 +244,11 @@ class UnitStageRunner:
                 "command": list(unit.spec.get("command") or [])}
 
     @staticmethod
-    def checkpoint_data(ctx: dict[str, Any], backend_ms: float,
-                        manifest: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The checkpoint stage's answer: sealed (``manifest`` written) or to be sealed later."""
-        data = {"images": str(ctx["images"]), "seq": ctx["seq"], "backend_ms": backend_ms}
+    def checkpoint_data(ctx: dict[str, Any], backend_ms: float, manifest: dict[str, Any] | None = None,
+                        note: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The checkpoint stage's answer: sealed (``manifest`` written) or to be sealed later;
+        ``note``: the backend's own fields (Checkpointer.stage_note)."""
+        data = {"images": str(ctx["images"]), "seq": ctx["seq"], "backend_ms": backend_ms, **(note or {})}
         if manifest is None:
             return dict(data, sealed=False)
         return dict(data, bytes=manifest["bytes"], files=len(manifest["files"]))
@@ -362,7 +385,7 @@ class UnitStageRunner:
                 raise CheckpointError(f"rebuild of {unit.name}: {e}") from None
         await unit.set_state("stopped")
         return {"pid": unit.root_pid, "nprocs": len(unit.pids()), "bytes": manifest.get("bytes", 0),
-                "seq": ctx["seq"]}
+                "seq": ctx["seq"], **backend.stage_note(unit)}
 
     async def _resume_rst(self, unit, cid, seq, args) -> dict[str, Any]:
         ctx = self._context(unit, cid, seq)

@@ -212,8 +212,11 @@ class Coordinator:
             stages_ms[stage] = ms
             for name, r in res.items():
                 per_unit[name]["stages_ms"][stage] = r["ms"]
-                if "bytes" in (r.get("data") or {}):
-                    per_unit[name]["bytes"] = r["data"]["bytes"]
+                data = r.get("data") or {}
+                if "bytes" in data:
+                    per_unit[name]["bytes"] = data["bytes"]
+                if isinstance(data.get("started_ahead"), bool):    # the backend's tool (criu) was
+                    per_unit[name]["started_ahead"] = data["started_ahead"]   # started ahead
             if stage == "checkpoint":
                 res_ck.update(res)
             elif stage == "resume_cp":
@@ -506,9 +509,11 @@ class Coordinator:
                 stages_ms[stage] = ms
                 for name, r in res.items():
                     per_unit[name]["stages_ms"][stage] = r["ms"]
-                    pid = (r.get("data") or {}).get("pid")
-                    if pid:
-                        per_unit[name]["pid"] = job.units[name].pid = pid
+                    data = r.get("data") or {}
+                    if data.get("pid"):
+                        per_unit[name]["pid"] = job.units[name].pid = data["pid"]
+                    if isinstance(data.get("started_ahead"), bool):
+                        per_unit[name]["started_ahead"] = data["started_ahead"]
 
             await self._stages_in_turn(job, rst_id, list(protocol.RESTART_STAGES), units, args,
                                        self._timeout(job), record)

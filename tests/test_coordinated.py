@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import EXAMPLES, REPO, Cluster, unit_of, write_job
@@ -314,6 +315,70 @@ def test_periodic_checkpoints_and_auto_restart(cluster: Cluster, tmp_path: Path)
 
 
 
+def _criu_children(pid: int) -> set[int]:
+    """The live criu processes an agent started (ahead: a dump session, restore slots)."""
+    found = set()
+    for child in psutil.Process(pid).children():
+        try:
+            if os.path.basename(child.exe()) == "criu" and child.status() != psutil.STATUS_ZOMBIE:
+                found.add(child.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _gone(pids: set[int]) -> bool:
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.Error:
+            pass
+    return True
+
+
+def _until(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_criu_started_ahead_through_the_daemons(cluster: Cluster, tmp_path: Path) -> None:
+    """The agent starts criu ahead (a dump waiting for the unit's next checkpoint, a restore
+    slot): checkpoints and restarts say they used it, and a stopped agent leaves none behind."""
+    _start(cluster, ("n1",))
+    jf = write_job(tmp_path / "one.toml", f'''
+name = "one"
+[[units]]
+name = "a"
+command = ["python3", "{PROGRESS}", "--every", "0.05"]
+''')
+    job = cluster.submit(jf)
+    cluster.wait_status(job, _running)
+    agent = cluster.procs["agent-n1"].pid
+    _until(lambda: len(_criu_children(agent)) == 2, 10, "a dump session and a restore slot")
+    for _ in range(2):
+        ck = cluster.cli_json("checkpoint", job)
+        assert ck["units"][0]["started_ahead"] is True, ck
+    at_ckpt = _step(cluster, job, "a")
+    st = cluster.cli_json("status", job)
+    os.kill(unit_of(st, "a")["pid"], signal.SIGKILL)
+    cluster.wait_status(job, lambda s: unit_of(s, "a")["state"] == "failed", timeout=5)
+    rs = cluster.cli_json("restart", job, "--checkpoint", ck["checkpoint"])
+    assert rs["units"][0]["started_ahead"] is True, rs
+    cluster.wait_status(job, _running)
+    assert _wait_step(cluster, job, "a", 0) <= at_ckpt + 3      # from the checkpoint, not from step 1
+    _until(lambda: len(_criu_children(agent)) == 2, 10, "criu ahead again, for the restored tree")
+    assert cluster.cli_json("checkpoint", job)["units"][0]["started_ahead"] is True
+    _until(lambda: len(_criu_children(agent)) == 2, 10, "criu ahead again after the checkpoint")
+    ahead = _criu_children(agent)
+    cluster.stop("agent-n1")
+    _until(lambda: _gone(ahead), 5, "the agent's criu processes to end with it")
+    _wait_step(cluster, job, "a", _step(cluster, job, "a"))        # the unit itself runs on
+
+
 def test_restored_unit_outlives_an_agent_restart(cluster: Cluster, tmp_path: Path) -> None:
     _start(cluster, ("n1",))
     jf = write_job(tmp_path / "one.toml", f'''
@@ -330,7 +395,11 @@ command = ["python3", "{PROGRESS}", "--every", "0.05"]
     cluster.wait_status(job, lambda s: unit_of(s, "a")["state"] == "failed", timeout=5)
     cluster.cli_json("restart", job, "--checkpoint", ck["checkpoint"])
     pid = unit_of(cluster.wait_status(job, _running), "a")["pid"]
+    agent = cluster.procs["agent-n1"].pid
+    _until(lambda: len(_criu_children(agent)) == 2, 10, "criu started ahead")
+    ahead = _criu_children(agent)
     cluster.stop("agent-n1", signal.SIGKILL)
+    _until(lambda: _gone(ahead), 5, "criu started ahead to end with its killed agent")
     time.sleep(0.5)
     _wait_step(cluster, job, "a", _step(cluster, job, "a"))  # the restored unit runs on without its agent
     cluster.agent("n1")  # and the next agent adopts it

@@ -134,3 +134,23 @@ class Checkpointer(abc.ABC):
     @abc.abstractmethod
     async def resume_rst(self, unit: UnitProcess) -> None:
         """Let a rebuilt unit run."""
+
+    # -- optional: work done ahead, outside the stages ----------------------------------
+    #: The backend implements ``ready_next`` (the agent then calls it; see there).
+    gets_ready: ClassVar[bool] = False
+
+    async def ready_next(self, unit: UnitProcess, spare: Path) -> None:
+        """The unit runs and no stage of it is under way (after its launch, after each stage
+        chain): get ready ahead for its next checkpoint or a restart, so that the stages find
+        the slow start-up done (CRIU: criu started and waiting).  ``spare``: the directory its
+        next images dir will be, renamed into place by prepare (it may be missing)."""
+
+    def unit_ended(self, unit: UnitProcess) -> None:
+        """The unit's tree is gone (it may still be restarted): drop what was ready for it."""
+
+    async def close(self) -> None:
+        """The agent stops: end what the backend started ahead."""
+
+    def stage_note(self, unit: UnitProcess) -> dict[str, Any]:
+        """Fields the answer of the unit's checkpoint or rebuild stage adds to its data."""
+        return {}

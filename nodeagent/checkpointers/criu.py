@@ -60,19 +60,25 @@ import asyncio
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import time
 import shutil
 import signal
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .base import (Capabilities, Checkpointer, CheckpointError, LaunchPlan, RestoreRefused,
                    UnitProcess)
+from . import criu_proto
 from .criu_cli import CriuRunner
 from .criu_inspect import (Sha256Cache, TreeFiles, copy_file, inspect_tree, ns_pids, parent_of,
                            tree_pids)
+from .criu_warm import SETPRIV, DumpSession, RestoreSlot, WarmFailed, scratch_dir, sweep_scratch
+
+log = logging.getLogger("gridckpt.criu")
 
 META_FILE = "gridckpt-criu.json"
 SNAPSHOT_DIR = "gridckpt-files"
@@ -82,6 +88,11 @@ META_VERSION = 1
 _UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"
 _SETSID = shutil.which("setsid") or "/usr/bin/setsid"
 _COMMON = ["--manage-cgroups=ignore", "--file-locks"]
+_RESTORE = ["--leave-stopped", *_COMMON]      # a restore: the tree stays stopped until resume_rst
+_COMMON_RPC: dict[str, object] = {"manage_cgroups_mode": criu_proto.CG_IGNORE, "file_locks": True,
+                                  "leave_running": True}     # the same, for a dump through criu swrk
+WARM_RESTORES = 2       # restore slots an agent keeps (at most one per CRIU unit it serves)
+WARM_MAX_AGE = 600.0    # s: criu processes started ahead longer ago are replaced (kernel state drifts)
 
 
 def _safe(name: str) -> str:
@@ -95,11 +106,25 @@ class CriuCheckpointer(Checkpointer):
     capabilities = Capabilities(coordinated=True, independent=True, incremental=False,
                                 migration=True, live_tcp=False)
     rebuild_checks = True    # rebuild runs _check (with the roll-back) before criu restore
+    gets_ready = True        # criu started ahead of the stages (ready_next)
 
     def __init__(self, criu: str | None = None, work_dir: Path | None = None, *,
-                 snapshot_limit: int = 64 << 20, log_level: int = 2) -> None:
-        """``criu``: executable; ``work_dir``: node-local directory for criu logs."""
+                 snapshot_limit: int = 64 << 20, log_level: int = 2, ahead: bool | None = None,
+                 warm_restores: int = WARM_RESTORES) -> None:
+        """``criu``: executable; ``work_dir``: node-local directory for criu logs; ``ahead``:
+        start criu before the stages that need it (default: unless $GRIDCKPT_CRIU_AHEAD=0);
+        ``warm_restores``: restore slots kept (see criu_warm)."""
         self.runner = CriuRunner(criu, work_dir, log_level)
+        self.ahead = ahead if ahead is not None else os.environ.get("GRIDCKPT_CRIU_AHEAD", "1") != "0"
+        self.warm_restores = warm_restores if SETPRIV else 0
+        self._sessions: dict[tuple[str, str], DumpSession] = {}   # per unit: its next dump, started
+        self._slots: list[RestoreSlot] = []
+        self._served: set[tuple[str, str]] = set()     # units this backend got ready for
+        self._notes: dict[tuple[str, str], bool] = {}  # per unit: its last dump/restore was started ahead
+        self._refresh: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Future] = set()
+        self._scratch = scratch_dir(self.runner.work_dir)
+        sweep_scratch(self._scratch)
         self.snapshot_limit = snapshot_limit
         self._hashes = Sha256Cache()
         self._cpuinfo: bytes | None = None
@@ -126,12 +151,9 @@ class CriuCheckpointer(Checkpointer):
         try:
             if lock is not None and not lock.held:
                 await asyncio.to_thread(lock.wait)
-            args = ["dump", "-t", str(root), "-D", str(images), "--leave-running", *_COMMON]
-            if unit.freezer_path and os.path.isdir(unit.freezer_path):
-                args += ["--freeze-cgroup", unit.freezer_path]
-            log = self._log_name("dump", unit)
+            freezer = unit.freezer_path if unit.freezer_path and os.path.isdir(unit.freezer_path) else None
             results = await asyncio.gather(
-                self.runner.run(f"criu dump of unit {unit.name}", args, log),
+                self._dump(unit, root, images, freezer),
                 asyncio.to_thread(self._scan_and_describe, root, images, cpuinfo),
                 return_exceptions=True)
         finally:
@@ -142,6 +164,42 @@ class CriuCheckpointer(Checkpointer):
                 raise result
             if isinstance(result, BaseException):
                 raise CheckpointError(f"checkpoint of unit {unit.name} failed: {result}") from result
+
+    async def _dump(self, unit: UnitProcess, root: int, images: Path, freezer: str | None) -> None:
+        """criu dump of ``root`` into ``images``: through the unit's session started ahead when
+        it fits (same root, freezer cgroup and directory), else through one started now."""
+        key = (unit.job, unit.name)
+        what = f"criu dump of unit {unit.name}"
+        session = self._sessions.pop(key, None)
+        if session is not None and not session.fits(root, str(images), freezer):
+            session.close()
+            session = None
+        ahead = session is not None
+        if session is None:
+            session = self._new_session(unit, root, str(images), freezer)
+        try:
+            await session.dump(what)
+        except WarmFailed:
+            if not ahead:
+                raise
+            log.warning("criu started ahead for unit %s/%s ended before the dump; dumping without it",
+                        unit.job, unit.name)
+            ahead = False
+            session = self._new_session(unit, root, str(images), freezer)
+            await session.dump(what)
+        self._later(session.keep_log)
+        self._notes[key] = ahead
+
+    def _new_session(self, unit: UnitProcess, root: int, images: str, freezer: str | None) -> DumpSession:
+        log_name = self._log_name("dump", unit)
+        # a log of its own while it runs: one started ahead must not truncate the unit's last
+        session = DumpSession(self.runner, root=root, images=images, log_name=f"{log_name[:-4]}.{uuid.uuid4().hex[:8]}.log",
+                              final_log=log_name, freeze_cgroup=freezer, common=_COMMON_RPC)
+        try:
+            session.start()
+        except OSError as exc:
+            raise CheckpointError(f"criu dump of unit {unit.name}: cannot start criu: {exc}") from None
+        return session
 
     def _before_dump(self, unit: UnitProcess, images: Path) -> tuple[int, "_CwdLock | None"]:
         """(thread) The namespace init to dump, the images dir, and the unit's cwd lock.
@@ -303,20 +361,163 @@ class CriuCheckpointer(Checkpointer):
         images = Path(images)
         # cheap: stat()s, cached CPU verdict (done already in the stage runner's thread: prepared)
         meta = prepared if prepared is not None else await self._check(images, roll_back=True)
-        # the log of the unit's last restore stays (overwritten by the next), as its last dump's does
-        pidfile = self.runner.work_dir / f"restore-{_safe(unit.job)}-{_safe(unit.name)}-{uuid.uuid4().hex[:8]}.pid"
-        await self.runner.run(
-            f"criu restore of unit {unit.name}",
-            ["restore", "-D", str(images), "--restore-detached", "--restore-sibling",
-             "--leave-stopped", "--pidfile", str(pidfile), *_COMMON],
-            self._log_name("restore", unit))
-        try:
-            pid = int(pidfile.read_text())
-        finally:
-            pidfile.unlink(missing_ok=True)
+        what = f"criu restore of unit {unit.name}"
+        log_name = self._log_name("restore", unit)    # the unit's last restore log stays
+        pid, ahead = None, False
+        slot = self._take_slot()
+        if slot is not None:
+            try:
+                pid, ahead = await slot.restore(images, what, log_name), True
+                self._later(slot.finish, log_name)      # (its placeholder is not in the way)
+            except WarmFailed as exc:
+                slot.finish()
+                log.warning("restore slot not used for unit %s/%s: %s", unit.job, unit.name, exc)
+            except CheckpointError as exc:
+                pid = await self._restore_now(images, what, log_name)   # its error, if it fails too
+                log.warning("a restore through a slot failed where a plain one succeeded (%s): "
+                            "restore slots turned off on this agent", exc)
+                self.warm_restores = 0
+                self._drop_slots()
+        if pid is None:
+            pid = await self._restore_now(images, what, log_name)
         unit.root_pid = pid
         self._tree_size[pid] = len(meta["pids"])
+        self._notes[(unit.job, unit.name)] = ahead
         self._watch(pid)
+
+    async def _restore_now(self, images: Path, what: str, log_name: str) -> int:
+        """criu restore started now, on ``images`` themselves; the restored root's pid."""
+        pidfile = self.runner.work_dir / f"restore-{uuid.uuid4().hex[:12]}.pid"
+        await self.runner.run(
+            what, ["restore", "-D", str(images), "--restore-detached", "--restore-sibling",
+                   "--pidfile", str(pidfile), *_RESTORE], log_name)
+        try:
+            return int(pidfile.read_text())
+        finally:
+            pidfile.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------- started ahead
+    async def ready_next(self, unit: UnitProcess, spare: Path | None) -> None:
+        """The unit runs and no stage of it is under way: start criu for its next dump on
+        ``spare`` (the directory its next images dir is renamed from), and keep the agent's
+        restore slots filled (see criu_warm).  Nothing when ``ahead`` is off."""
+        key = (unit.job, unit.name)
+        self._served.add(key)
+        if not self.ahead:
+            return
+        self._schedule_refresh()
+        try:
+            root = await asyncio.to_thread(self._dump_root, unit) if unit.root_pid is not None else None
+        except CheckpointError:
+            root = None
+        old = self._sessions.get(key)
+        freezer = unit.freezer_path if unit.freezer_path and os.path.isdir(unit.freezer_path) else None
+        if old is not None and root is not None and spare is not None and old.fits(root, str(spare), freezer) \
+                and time.monotonic() - old.born < WARM_MAX_AGE:
+            pass
+        else:
+            if old is not None:
+                self._sessions.pop(key, None)
+                old.close()
+            if root is not None and spare is not None:
+                try:
+                    self._sessions[key] = self._new_session(unit, root, str(spare), freezer)
+                except CheckpointError as exc:
+                    log.debug("no criu started ahead for %s/%s: %s", unit.job, unit.name, exc)
+        self._fill_slots()
+
+    def _later(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` in a thread, not awaited (file clean-up off the stages' path)."""
+        task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _fill_slots(self) -> None:
+        now = time.monotonic()
+        for slot in [s for s in self._slots if not s.usable or now - s.born > WARM_MAX_AGE]:
+            self._slots.remove(slot)
+            slot.finish()
+        want = min(self.warm_restores, len(self._served)) if self.ahead else 0
+        while len(self._slots) < want:
+            slot = RestoreSlot(self.runner, _RESTORE, self._scratch)
+            try:
+                slot.start()
+            except OSError as exc:
+                log.warning("cannot start a restore slot: %s", exc)
+                return
+            self._slots.append(slot)
+
+    def _take_slot(self) -> RestoreSlot | None:
+        while self._slots:
+            slot = self._slots.pop(0)
+            if slot.usable and time.monotonic() - slot.born <= WARM_MAX_AGE:
+                return slot
+            slot.finish()
+        return None
+
+    def _drop_slots(self) -> None:
+        for slot in self._slots:
+            slot.finish()
+        self._slots.clear()
+
+    def _schedule_refresh(self) -> None:
+        """Every half WARM_MAX_AGE, replace what was started ahead too long ago (units idle
+        for that long get a fresh criu; a job checkpointed less often still finds one)."""
+        if self._refresh is None:
+            self._refresh = asyncio.get_running_loop().call_later(WARM_MAX_AGE / 2, self._refresh_old)
+
+    def _refresh_old(self) -> None:
+        self._refresh = None
+        now = time.monotonic()
+        stale = [k for k, s in self._sessions.items() if now - s.born > WARM_MAX_AGE / 2]
+        for key in stale:
+            session = self._sessions.pop(key)
+            session.close()
+            self._respawn(key, session)
+        for slot in [s for s in self._slots if now - s.born > WARM_MAX_AGE / 2]:
+            self._slots.remove(slot)
+            slot.finish()
+        self._fill_slots()
+        if self._sessions or self._slots:
+            self._schedule_refresh()
+
+    def _respawn(self, key: tuple[str, str], old: DumpSession) -> None:
+        fresh = DumpSession(self.runner, root=old.root, images=old.images,
+                            log_name=f"{old.final_log[:-4]}.{uuid.uuid4().hex[:8]}.log",
+                            final_log=old.final_log, freeze_cgroup=old.freeze_cgroup, common=_COMMON_RPC)
+        try:
+            fresh.start()
+        except OSError:
+            return      # the spare is gone: the next checkpoint starts criu itself
+        self._sessions[key] = fresh
+
+    def stage_note(self, unit: UnitProcess) -> dict[str, Any]:
+        """What the stage answer says of the last dump or restore: criu was started ahead."""
+        ahead = self._notes.pop((unit.job, unit.name), None)
+        return {} if ahead is None else {"started_ahead": ahead}
+
+    def unit_ended(self, unit: UnitProcess) -> None:
+        """The unit's tree is gone: its dump started ahead is of no use."""
+        session = self._sessions.pop((unit.job, unit.name), None)
+        if session is not None:
+            session.close()
+
+    async def release(self, unit: UnitProcess) -> None:
+        """The unit is gone for good."""
+        self.unit_ended(unit)
+        self._served.discard((unit.job, unit.name))
+
+    async def close(self) -> None:
+        """The agent stops: end every criu started ahead."""
+        if self._refresh is not None:
+            self._refresh.cancel()
+            self._refresh = None
+        for session in self._sessions.values():
+            session.close()
+        self._sessions.clear()
+        self._drop_slots()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     async def resume_rst(self, unit: UnitProcess) -> None:
         root = unit.root_pid
