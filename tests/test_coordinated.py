@@ -345,9 +345,8 @@ def _until(pred, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_criu_started_ahead_through_the_daemons(cluster: Cluster, tmp_path: Path) -> None:
-    """The agent starts criu ahead (a dump waiting for the unit's next checkpoint, a restore
-    slot): checkpoints and restarts say they used it, and a stopped agent leaves none behind."""
+def _one_unit_running(cluster: Cluster, tmp_path: Path) -> str:
+    """One agent (n1) and a job of one CRIU unit ``a`` (progress.py), running."""
     _start(cluster, ("n1",))
     jf = write_job(tmp_path / "one.toml", f'''
 name = "one"
@@ -357,6 +356,13 @@ command = ["python3", "{PROGRESS}", "--every", "0.05"]
 ''')
     job = cluster.submit(jf)
     cluster.wait_status(job, _running)
+    return job
+
+
+def test_criu_started_ahead_through_the_daemons(cluster: Cluster, tmp_path: Path) -> None:
+    """The agent starts criu ahead (a dump waiting for the unit's next checkpoint, a restore
+    slot): checkpoints and restarts say they used it, and a stopped agent leaves none behind."""
+    job = _one_unit_running(cluster, tmp_path)
     agent = cluster.procs["agent-n1"].pid
     _until(lambda: len(_criu_children(agent)) == 2, 10, "a dump session and a restore slot")
     for _ in range(2):
@@ -380,15 +386,7 @@ command = ["python3", "{PROGRESS}", "--every", "0.05"]
 
 
 def test_restored_unit_outlives_an_agent_restart(cluster: Cluster, tmp_path: Path) -> None:
-    _start(cluster, ("n1",))
-    jf = write_job(tmp_path / "one.toml", f'''
-name = "one"
-[[units]]
-name = "a"
-command = ["python3", "{PROGRESS}", "--every", "0.05"]
-''')
-    job = cluster.submit(jf)
-    cluster.wait_status(job, _running)
+    job = _one_unit_running(cluster, tmp_path)
     ck = cluster.cli_json("checkpoint", job)
     st = cluster.cli_json("status", job)
     os.kill(unit_of(st, "a")["pid"], signal.SIGKILL)
