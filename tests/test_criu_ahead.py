@@ -4,7 +4,10 @@ slots held on their inventory FIFO, and every way back to criu started on the sp
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
+import sys
 import signal
 import time
 import uuid
@@ -152,7 +155,10 @@ async def test_dump_and_restore_started_ahead(tmp_path, binaries, units):
     unit.thaw()
     assert ckpt.stage_note(unit) == {"started_ahead": True}
     assert (images / "inventory.img").is_file() and list(images.glob("pages-*.img"))
-    assert not session.proc.alive
+    meta = json.loads((images / "gridckpt-criu.json").read_text())
+    assert sorted(f["path"] for f in meta["files"]) == sorted(     # the tree's own, never criu's log
+        str(unit.unit_dir / n) for n in ("counter.out", "stderr", "stdout"))
+    await wait_for(lambda: not session.proc.alive, 5, "criu exits after its answer")
     await asyncio.sleep(0.2)        # (the session's log is renamed in the background)
     assert [p.name for p in (tmp_path / "work").glob("dump-*.log")] == ["dump-job1-c.log"]
     assert time.monotonic() - t0 < 5
@@ -310,3 +316,22 @@ def test_placeholders_of_gone_agents_are_swept(tmp_path):
     (tmp_path / "something-else").mkdir()
     assert sweep_scratch(tmp_path) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["something-else", f"warm-restore-{os.getpid()}-00000000"]
+
+
+def test_the_scan_leaves_out_what_is_not_the_trees_own(tmp_path):
+    """A scan beside a dump sees the log CRIU's parasite holds inside the tree: left out."""
+    from nodeagent.checkpointers.criu_inspect import Sha256Cache, inspect_tree
+    (tmp_path / "criu").mkdir()
+    code = ("import sys, time; a = open(sys.argv[1], 'a'); b = open(sys.argv[2], 'a'); "
+            "print('ready', flush=True); time.sleep(30)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out"), str(tmp_path / "criu" / "dump.log")],
+                            stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        every = inspect_tree(proc.pid, Sha256Cache())
+        own = inspect_tree(proc.pid, Sha256Cache(), (str(tmp_path / "criu") + "/",))
+        assert {str(tmp_path / "out"), str(tmp_path / "criu" / "dump.log")} <= set(every.files)
+        assert str(tmp_path / "out") in own.files and str(tmp_path / "criu" / "dump.log") not in own.files
+    finally:
+        proc.kill()
+        proc.wait()

@@ -242,7 +242,8 @@ class CriuCheckpointer(Checkpointer):
             raise CheckpointError(f"unit {unit.name}: process {root} is gone") from None
 
     def _scan(self, root: int, images: Path) -> TreeFiles:
-        tree = inspect_tree(root, self._hashes)
+        # (criu's work dir: its parasite holds criu's log open inside the tree while it dumps)
+        tree = inspect_tree(root, self._hashes, (os.path.join(self.runner.work_dir, ""),))
         for i, entry in enumerate(tree.files.values()):
             if entry.needs_copy() and entry.size <= self.snapshot_limit:
                 entry.snapshot = f"{SNAPSHOT_DIR}/{i}"

@@ -149,7 +149,7 @@ def _fd_flags_pos(pid: int, fd: str) -> tuple[int, int]:
     return flags, pos
 
 
-def _scan_fds(pid: int, files: dict[str, OpenFile]) -> None:
+def _scan_fds(pid: int, files: dict[str, OpenFile], ignore: tuple[str, ...] = ()) -> None:
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
@@ -157,7 +157,7 @@ def _scan_fds(pid: int, files: dict[str, OpenFile]) -> None:
     for fd in fds:
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if not target.startswith("/") or target.endswith(_DELETED):
+            if not target.startswith("/") or target.endswith(_DELETED) or target.startswith(ignore):
                 continue
             st = os.stat(f"/proc/{pid}/fd/{fd}")
             if not stat.S_ISREG(st.st_mode):
@@ -196,14 +196,16 @@ def _scan_maps(pid: int, mapped: set[str], shared_writable: set[str]) -> None:
         # neither binaries nor written by the tree: CRIU maps them again by path
 
 
-def inspect_tree(root: int, hashes: Sha256Cache) -> TreeFiles:
-    """Open regular files and mapped files of the tree rooted at ``root``."""
+def inspect_tree(root: int, hashes: Sha256Cache, ignore: tuple[str, ...] = ()) -> TreeFiles:
+    """Open regular files and mapped files of the tree rooted at ``root``; descriptors of files
+    whose path starts with one of ``ignore`` are not the tree's own (a scan beside a dump sees
+    the log descriptor CRIU lends its parasite inside the dumped process)."""
     pids = [p for p in tree_pids(root) if not is_zombie(p)]
     tree = TreeFiles(pids)
     mapped: set[str] = set()
     shared_writable: set[str] = set()
     for pid in pids:
-        _scan_fds(pid, tree.files)
+        _scan_fds(pid, tree.files, ignore)
         _scan_maps(pid, mapped, shared_writable)
     for path in sorted(mapped | shared_writable):
         try:

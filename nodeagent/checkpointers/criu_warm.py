@@ -83,6 +83,7 @@ class DumpSession:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future[None] | None = None
         self._answer: asyncio.Future[criu_proto.Response] | None = None
+        self._watching = False
 
     # -- start -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -107,6 +108,7 @@ class DumpSession:
         ours.setblocking(False)
         self._sock = ours
         self._loop.add_reader(ours.fileno(), self._readable)
+        self._watching = True
         self.proc.exited.add_done_callback(self._exited)
         opts = dict(self.common, images_dir_fd=self._dirfd, work_dir_fd=self.runner.work_dir_fd(), pid=self.root,
                     log_file=self.log_name, log_level=self.runner.log_level, notify_scripts=True,
@@ -159,13 +161,16 @@ class DumpSession:
                 answer: criu_proto.Response | None = await asyncio.shield(self._answer)
             except CheckpointError:
                 answer = None
-            code = await self.proc.wait()
+            if answer is None or not answer.success:
+                await self.proc.wait()
         except asyncio.CancelledError:
             self.close(kill=True)
             self.keep_log()
             raise
+        # A successful answer comes once the images are written and the tree let go: criu's
+        # exit after it (about 1 ms) is not waited for; its pidfd watcher reaps it.
         self.close()
-        if answer is None or not answer.success or code != 0:
+        if answer is None or not answer.success:
             self.keep_log()
             raise self.runner.failure(what, self.final_log)
 
@@ -196,12 +201,14 @@ class DumpSession:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
+            self._unwatch()
             return self._lost(f"criu's RPC connection failed: {exc.strerror}")
         for level, kind, payload in ancdata:       # a descriptor sent along: not ours to keep
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 for i in range(0, len(payload) - len(payload) % 4, 4):
                     os.close(int.from_bytes(payload[i:i + 4], "little"))
-        if not data:
+        if not data:        # end of the connection: stop watching it (it stays readable)
+            self._unwatch()
             return self._lost("criu closed its RPC connection")
         try:
             resp = criu_proto.parse_response(data)
@@ -221,6 +228,11 @@ class DumpSession:
             return
         if not self._answer.done():
             self._answer.set_result(resp)
+
+    def _unwatch(self) -> None:
+        if self._sock is not None and self._loop is not None and self._watching:
+            self._loop.remove_reader(self._sock.fileno())
+            self._watching = False
 
     def _exited(self, _: object) -> None:
         # an answer criu sent right before it exited is read first
@@ -253,8 +265,7 @@ class DumpSession:
         """Close the connection (criu, if still waiting, then ends: it reads EOF); ``kill``:
         SIGKILL it and reap it now (a dump that was under way)."""
         if self._sock is not None:
-            if self._loop is not None:
-                self._loop.remove_reader(self._sock.fileno())
+            self._unwatch()
             self._sock.close()
             self._sock = None
         self._close_dir()
