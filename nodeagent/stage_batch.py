@@ -19,6 +19,8 @@ checkpoint     backends flagged ``quick_checkpoint`` (app: a directory listing) 
 resume_cp      before_thaw and thaw unit by unit (neither waits; units frozen together: every
                before_thaw, then one thaw), backend ``resume_cp_many``
                or ``resume_cp`` side by side, job-file callbacks side by side
+seal           every manifest hashed and written in one thread trip (the daemon then makes
+               them durable with one syncfs)
 =============  =============================================================================
 
 The outcome of each unit is what ``run`` would have given it: the same result or error, the
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gridckpt.stages")
 
-BATCH_STAGES = frozenset({"prepare", "stop", "checkpoint", "resume_cp"})
+BATCH_STAGES = frozenset({"prepare", "stop", "checkpoint", "resume_cp", "seal"})
 
 
 class _Item:
@@ -334,19 +336,41 @@ async def _checkpoint(runner: "UnitStageRunner", cid: str, items: list[_Item]) -
         else:
             to_seal.append((it, meta, note))
     if to_seal:
-        def write_all() -> list[Any]:
-            out: list[Any] = []
-            for it, meta, _ in to_seal:
-                try:
-                    out.append(runner.manifest_now(it.unit, it.ctx["images"], meta, it.args))
-                except CheckpointError as exc:
-                    out.append(exc)
-            return out
-        for (it, _, note), manifest in zip(to_seal, await asyncio.to_thread(write_all)):
+        written = await _manifests(runner, [(it, meta) for it, meta, _ in to_seal])
+        for (it, _, note), manifest in zip(to_seal, written):
             if isinstance(manifest, BaseException):
                 it.fail(manifest)
             else:
                 it.finish(runner.checkpoint_data(it.ctx, backend_ms[id(it)], manifest, note))
+
+
+async def _manifests(runner: "UnitStageRunner", todo: list[tuple[_Item, dict[str, Any]]]) -> list[Any]:
+    """Each item's manifest (or its CheckpointError), all written in one trip to a thread."""
+    def write_all() -> list[Any]:
+        out: list[Any] = []
+        for it, meta in todo:
+            try:
+                out.append(runner.manifest_now(it.unit, it.ctx["images"], meta, it.args))
+            except CheckpointError as exc:
+                out.append(exc)
+        return out
+    return await asyncio.to_thread(write_all) if todo else []
+
+
+async def _seal(runner: "UnitStageRunner", cid: str, items: list[_Item]) -> None:
+    """The manifests of a checkpoint taken with ``seal_later``, while the units run again."""
+    todo = []
+    for it in items:
+        try:
+            it.ctx, meta = runner.unsealed(it.unit, cid)
+            todo.append((it, meta))
+        except CheckpointError as exc:
+            it.fail(exc)
+    for (it, _), manifest in zip(todo, await _manifests(runner, todo)):
+        if isinstance(manifest, BaseException):
+            it.fail(manifest)
+        else:
+            it.finish(runner.seal_data(it.ctx, manifest))
 
 
 async def _resume_cp(runner: "UnitStageRunner", cid: str, items: list[_Item]) -> None:
@@ -376,4 +400,4 @@ async def _resume_cp(runner: "UnitStageRunner", cid: str, items: list[_Item]) ->
 
 
 _BODIES: dict[str, Callable[["UnitStageRunner", str, list[_Item]], Awaitable[None]]] = {
-    "prepare": _prepare, "stop": _stop, "checkpoint": _checkpoint, "resume_cp": _resume_cp}
+    "prepare": _prepare, "stop": _stop, "checkpoint": _checkpoint, "resume_cp": _resume_cp, "seal": _seal}

@@ -263,12 +263,22 @@ class UnitStageRunner:
             raise CheckpointError(f"checkpoint of {unit.name}: manifest: {e}") from None
 
     async def _seal(self, unit, cid, seq, args) -> dict[str, Any]:
+        ctx, meta = self.unsealed(unit, cid)
+        return self.seal_data(ctx, await self._write_manifest(unit, ctx["images"], meta, args))
+
+    def unsealed(self, unit: Any, cid: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The checkpoint context of a unit's images awaiting their seal, and its manifest's
+        meta (stage times up to resume_cp); CheckpointError when there are none."""
         ctx = self._ctx.get((unit.job, unit.name, cid))
         if ctx is None or not ctx.get("unsealed"):
             raise CheckpointError(f"seal of {unit.name}: checkpoint {cid} has no unsealed images on this agent")
         meta = ctx["unsealed"]
         meta["stages_ms"] = {**ctx["stages_ms"], "checkpoint": meta["stages_ms"]["checkpoint"]}  # backend's own time
-        manifest = await self._write_manifest(unit, ctx["images"], meta, args)
+        return ctx, meta
+
+    @staticmethod
+    def seal_data(ctx: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+        """The seal stage's answer."""
         return {"bytes": manifest["bytes"], "files": len(manifest["files"]), "seq": ctx["seq"]}
 
     @staticmethod
