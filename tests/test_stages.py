@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -329,6 +330,32 @@ async def test_batch_gives_each_unit_what_run_gives(env, tmp_path):
     assert set(out) == {"d", "a"} and stdout(alone).count("checkpoint count") == 2
     for u in (alone, units[0]):
         await runner.run(u, "abort", "ck2", 2)
+
+
+async def test_batch_seal_gives_each_unit_what_run_gives(env):
+    """Checkpoints taken with seal_later, sealed as one batch: each unit's manifest and answer
+    as a seal through run() gives them; a unit with nothing to seal fails alone; redelivered,
+    nothing is sealed twice."""
+    store, runner, start = env
+    units = [await start(n) for n in ("a", "b", "c")]
+    alone = await start("d")
+    args = {"seq": 1, "seal_later": True}
+    for stage in CK_STAGES:
+        await runner.run_batch(stage, "ck1", [(u, dict(args)) for u in units])
+        await runner.run(alone, stage, "ck1", 1, dict(args))
+    assert not any((store.images_dir("job1", u.name, 1) / "manifest.json").exists() for u in units)
+    ref = await runner.run(alone, "seal", "ck1", 1, dict(args))
+    out = await runner.run_batch("seal", "ck9", [(units[0], dict(args))])       # never checkpointed
+    assert isinstance(out["a"], CheckpointError) and "no unsealed images" in str(out["a"])
+    out = await runner.run_batch("seal", "ck1", [(u, dict(args)) for u in units])
+    for u in units:
+        r = out[u.name]
+        assert r["stage"] == "seal" and set(r["data"]) == set(ref["data"]) and r["data"]["seq"] == 1
+        manifest = json.loads((store.images_dir("job1", u.name, 1) / "manifest.json").read_text())
+        assert manifest["bytes"] == r["data"]["bytes"] > 0 and manifest["unit"] == u.name
+        assert set(manifest["stages_ms"]) == set(CK_STAGES)
+    assert await runner.run_batch("seal", "ck1", [(u, dict(args)) for u in units]) == out
+    assert await runner.run(units[1], "seal", "ck1", 1, dict(args)) == out["b"]
 
 
 async def test_batch_failures_stay_with_their_unit(env, tmp_path):
