@@ -215,6 +215,7 @@ class NodeAgent:
             unit.started = started
             await unit.set_state("running")
             event(log, "unit adopted", job=unit.job, unit=unit.name, pid=pid)
+            self._ready_wanted.add((unit.job, unit.name))     # its backend gets ready, as for a launch
 
     async def start(self) -> None:
         """Adopt units left running, consume commands, register, start heartbeating."""
@@ -228,6 +229,8 @@ class NodeAgent:
                          store=str(self.store.root))
         self._hb_task = asyncio.create_task(self._heartbeat_loop())
         self.shipper.start()
+        if self._ready_wanted:
+            self._make_spares()
         event(log, "agent started", node=self.node, site=self.site, broker=self.bus.url)
 
     async def stop(self, *, kill_units: bool = False) -> None:

@@ -410,5 +410,8 @@ def test_restored_unit_outlives_an_agent_restart(cluster: Cluster, tmp_path: Pat
     assert f"unit adopted job={job} unit=a pid={pid}" in cluster.log("agent-n1"), cluster.log("agent-n1")[-2000:]
     cluster.wait_status(job, lambda s: unit_of(s, "a")["state"] == "running" and unit_of(s, "a")["pid"] == pid)
     _wait_step(cluster, job, "a", _step(cluster, job, "a"))
+    agent = cluster.procs["agent-n1"].pid      # it starts criu ahead for the unit it adopted
+    _until(lambda: len(_criu_children(agent)) == 2, 10, "criu started ahead by the new agent")
+    assert cluster.cli_json("checkpoint", job)["units"][0]["started_ahead"] is True
     os.kill(pid, signal.SIGKILL)  # and the new agent sees it die
     cluster.wait_status(job, lambda s: unit_of(s, "a")["state"] in ("failed", "exited"), timeout=5)
