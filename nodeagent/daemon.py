@@ -57,6 +57,13 @@ def _cgroup_root(job: Any, unit: Any) -> int | None:
     return min(roots) if roots else None
 
 
+def _said(report: dict[str, Any]) -> tuple:
+    """What a unit report says that the orchestrator keeps: state, pid, start (nprocs is
+    refreshed by heartbeats), and an ended unit's exit."""
+    return (report.get("state"), report.get("pid"), report.get("started"), report.get("exit_code"),
+            report.get("signal"), report.get("detail"))
+
+
 def _create_time(pid: int) -> float:
     try:
         return psutil.Process(pid).create_time()
@@ -107,6 +114,7 @@ class NodeAgent:
         self._chains = 0   # stage chains running (_stages)
         self._held_units: set[tuple[str, str]] = set()   # their units, until _after_chains
         self._held_reports: list[dict[str, Any]] = []    # the held units' state reports, in order
+        self._published: dict[tuple[str, str], tuple] = {}  # what each unit's last published report said
         self._save_after_chain = False   # a held unit changed what the unit list says
         self._listing: dict[tuple[str, str], int] = {}   # unit -> the write listing it as restarting
         self._gate: asyncio.Future | None = None   # see background_gate
@@ -350,6 +358,8 @@ class NodeAgent:
         key = protocol.event_key(self.site, self.node)
         while not self._events.empty():
             batch = [self._events.get_nowait() for _ in range(min(self._events.qsize(), 512))]
+            for report in batch:
+                self._published[(report["job"], report["unit"])] = _said(report)
             await self._emit(key, "unit_event", node=self.node, **batch[0],
                              **({"more": batch[1:]} if len(batch) > 1 else {}))
 
@@ -469,11 +479,21 @@ class NodeAgent:
             self._release_held()
 
     def _release_held(self) -> None:
-        """The held units' reports join the queue, in order, and the unit list is written."""
+        """The held units' reports join the queue and the unit list is written.  Only each
+        unit's last report goes, and not even that when it says what the unit's last published
+        report said (state, pid, start): a checkpoint froze and thawed the unit, the chain's
+        answers told the orchestrator, and 64 units would otherwise send 128 reports after
+        every checkpoint (logged as 128 state changes) for a net change of none."""
         self._held_units.clear()
+        last: dict[tuple[str, str], dict[str, Any]] = {}
         for report in self._held_reports:
-            self._events.put_nowait(report)
+            key = (report["job"], report["unit"])
+            last.pop(key, None)          # (re-inserted: the order of last changes is kept)
+            last[key] = report
         self._held_reports.clear()
+        for key, report in last.items():
+            if _said(report) != self._published.get(key):
+                self._events.put_nowait(report)
         if self._save_after_chain:
             self._save_after_chain = False
             self._save_soon()

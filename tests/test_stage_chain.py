@@ -133,25 +133,25 @@ def _answered(msgs: list[dict[str, Any]]) -> list[list[str]]:
 async def test_the_agent_answers_a_chain_in_few_messages_and_reports_the_units_after(tmp_path: Path) -> None:
     """A chained stage's answer waits (``hold_answer``) for the next stage: with a long hold the
     whole checkpoint chain is one message, each stage timed on the agent (``wall_ms``), and the
-    job's table takes those times; with none, an answer leaves whenever the loop turns.  Either
-    way the units' state reports (frozen, thawed) are published after the chain's last answer."""
+    job's table takes those times; with none, an answer leaves whenever the loop turns.  The
+    chain's units' state reports are held until after its last answer, and only each unit's
+    last one goes, if it says something new: a checkpoint (frozen, thawed) sends none, a
+    restart (restarting, stopped, running) one per unit, after its answers."""
     async with Cell(tmp_path) as cell:
         job = await cell.submit(["n1", "n1"])
         agent = cell.agents["n1"]
         seen = _spy_agent(agent)
         agent.hold_answer = 30.0
         ck = await cell.orch.control("checkpoint", {"job": job})
-        await cell.until(lambda: any(m["type"] == "unit_event" for m in seen))
+        await asyncio.sleep(0.3)
         answers = [m for m in seen if m["type"] == "stage_results"]
         assert _answered(answers) == [["prepare", "stop", "checkpoint", "resume_cp"], ["seal"]]
         chain = [answers[0], *answers[0]["more"]]
         walls = {e["stage"]: e["wall_ms"] for e in chain}
         assert all(isinstance(w, float) and w >= 0 for w in walls.values())
         assert all(ck["stages_ms"][stage] == round(w, 2) for stage, w in walls.items())
-        first_event = next(i for i, m in enumerate(seen) if m["type"] == "unit_event")
-        assert first_event > seen.index(answers[0]), "a unit report went out before the chain's answer"
-        reports = [r for m in seen[first_event:] if m["type"] == "unit_event" for r in [m, *m.get("more", ())]]
-        assert [r["state"] for r in reports if r["unit"] == "u0"][-1] == "running"
+        assert not [m for m in seen if m["type"] == "unit_event"], "frozen then thawed: nothing new to report"
+        assert all(u.state == "running" for u in cell.orch.jobs[job].units.values())
 
         seen.clear()
         agent.hold_answer = 0.0   # each answer leaves at the next turn of the loop
@@ -160,6 +160,20 @@ async def test_the_agent_answers_a_chain_in_few_messages_and_reports_the_units_a
         assert len(_answered(seen)) > 2
         assert [stage for answer in _answered(seen) for stage in answer] == [
             "prepare", "stop", "checkpoint", "resume_cp", "seal"]
+
+        os.kill(agent.units[(job, "u0")].root_pid, signal.SIGKILL)
+        await cell.until(lambda: cell.orch.jobs[job].units["u0"].state == "failed")
+        seen.clear()
+        await cell.orch.control("restart", {"job": job})     # kills u1 first (reported at once)
+        first_answer = next(i for i, m in enumerate(seen) if m["type"] == "stage_results")
+        await cell.until(lambda: any(m["type"] == "unit_event" for m in seen[first_answer:]))
+        await asyncio.sleep(0.1)
+        last_answer = max(i for i, m in enumerate(seen) if m["type"] == "stage_results")
+        events = [i for i, m in enumerate(seen[first_answer:], first_answer) if m["type"] == "unit_event"]
+        assert min(events) > last_answer, "a unit report went out before the chain's last answer"
+        reports = [r for i in events for r in [seen[i], *seen[i].get("more", ())]]
+        assert sorted((r["unit"], r["state"]) for r in reports) == [("u0", "running"), ("u1", "running")]
+        assert {r["unit"]: r["pid"] for r in reports} == {u: agent.units[(job, u)].root_pid for u in ("u0", "u1")}
 
 
 async def test_a_unit_outside_the_chain_is_reported_at_once(tmp_path: Path) -> None:

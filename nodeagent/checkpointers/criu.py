@@ -426,6 +426,11 @@ class CriuCheckpointer(Checkpointer):
                 except CheckpointError as exc:
                     log.debug("no criu started ahead for %s/%s: %s", unit.job, unit.name, exc)
         self._fill_slots()
+        if self._cpuinfo is None:       # (the first prepare would run criu cpuinfo dump itself)
+            try:
+                await self._node_cpuinfo()
+            except CheckpointError as exc:
+                log.warning("criu cpuinfo dump failed: %s", exc)
 
     def _later(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` in a thread, not awaited (file clean-up off the stages' path)."""
