@@ -37,7 +37,7 @@ from .stages import UnitStageRunner
 from .units import Unit, become_subreaper
 
 log = logging.getLogger("gridckpt.agent")
-HOLD_ANSWER = float(os.environ.get("X_HOLD", "0.002"))   # s a chained stage's answer waits for the next one (see NodeAgent._stages)
+HOLD_ANSWER = 0.002   # s a chained stage's answer waits for the next one (see NodeAgent._stages)
 AFTER_CHAIN = 0.003   # s after a chain's last answer is out before the background work starts
 FULL_REPORT_EVERY = 5   # heartbeats between two full reports of a unit (see _light_beat)
 
