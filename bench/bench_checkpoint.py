@@ -8,11 +8,13 @@ Table 1: one single-process C program with 5 MiB of touched memory (examples/cou
 (a) raw ``criu dump`` / ``criu restore`` on the command line, (b) a gridckpt coordinated
 checkpoint and restart with the orchestrator (in this process) and the agent (its own
 ``gridckpt agent`` daemon, as deployed) talking over amqp://, (c) the same over memory://
-(both in this process); per stage, like the 2009 table (590 ms to checkpoint, 1,665 ms to
-restart).  The baseline (a) is a twin of the unit that raw CRIU takes through the same cycle
-(frozen, dumped, thawed; killed; restored and running again: bench_criu_raw.RawTwin), one
-cycle next to each gridckpt run, in alternating order: both see the same moment of the
-machine.  Medians of ``--runs`` runs per column (the twin: twice as many), taken in
+(both in this process), (d) over amqp:// with the agent's criu started on the spot
+(GRIDCKPT_CRIU_AHEAD=0: what the stages add to CRIU, without the start-up they take off its
+path); per stage, like the 2009 table (590 ms to checkpoint, 1,665 ms to restart).  The
+baseline (a) is a twin of the unit that raw CRIU takes through the same cycle (frozen,
+dumped, thawed; killed; restored and running again: bench_criu_raw.RawTwin), one cycle next
+to each gridckpt run, in alternating order: both see the same moment of the machine, and
+``SETTLE`` seconds of quiet precede every timed operation.  Medians of ``--runs`` runs per column (the twin: twice as many), taken in
 ``--rounds`` rounds that each measure every column, so a drift of the machine's speed weighs
 on all alike; single times on this VM vary by +-20 %, which is why there are that many.
 ``backend alone``: the CRIU backend's own stages without the daemons (bench_criu_raw.compare).
@@ -380,8 +382,8 @@ def main() -> int:
     ap.add_argument("--units", default="1,4,16,64")
     ap.add_argument("--skip-scaling", action="store_true")
     ap.add_argument("--scaling-only", action="store_true", help="Table 2 only")
-    ap.add_argument("--scaling-runs", type=int, default=15, help="checkpoints per job size in Table 2")
-    ap.add_argument("--scaling-rounds", type=int, default=3, help="Table 2's runs split into rounds")
+    ap.add_argument("--scaling-runs", type=int, default=24, help="checkpoints per job size in Table 2")
+    ap.add_argument("--scaling-rounds", type=int, default=6, help="Table 2's runs split into rounds")
     ap.add_argument("--disk-dir", default="/var/tmp",
                     help="where Table 2's on-disk store goes (default /var/tmp, on disk on Debian)")
     ap.add_argument("--kdat-cache", action="store_true",

@@ -57,6 +57,21 @@ def _cgroup_root(job: Any, unit: Any) -> int | None:
     return min(roots) if roots else None
 
 
+_ANSWERED = ("ok", "ms", "error", "data")   # a unit's fields in a stage_results answer
+
+
+class _Watchdog:
+    """The timer that abandons a checkpoint whose orchestrator fell silent, and the units (and
+    their stage args) it still holds on this agent."""
+
+    __slots__ = ("delay", "timer", "units")
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.timer: asyncio.TimerHandle
+        self.units: dict[str, dict[str, Any]] = {}
+
+
 def _said(report: dict[str, Any]) -> tuple:
     """What a unit report says that the orchestrator keeps: state, pid, start (nprocs is
     refreshed by heartbeats), and an ended unit's exit."""
@@ -101,7 +116,7 @@ class NodeAgent:
         self._tasks: set[asyncio.Task] = set()
         self._consumer: Any = None
         self._hb_task: asyncio.Task | None = None
-        self._watchdogs: dict[tuple[str, str, str], asyncio.TimerHandle] = {}
+        self._watchdogs: dict[tuple[str, str], _Watchdog] = {}   # (job, checkpoint) -> its units here
         self._aborted: OrderedDict[str, None] = OrderedDict()   # checkpoint ids told to abort (recent)
         self._saved: dict[tuple[str, str], tuple] = {}   # what the unit list file holds of each unit
         self._save_task: asyncio.Task | None = None
@@ -113,7 +128,8 @@ class NodeAgent:
         self.hold_answer = HOLD_ANSWER   # see _stages
         self._chains = 0   # stage chains running (_stages)
         self._held_units: set[tuple[str, str]] = set()   # their units, until _after_chains
-        self._held_reports: list[dict[str, Any]] = []    # the held units' state reports, in order
+        # the held units that changed, in the order of their last change: (unit, tree changed)
+        self._held_changes: dict[tuple[str, str], tuple[Unit, bool]] = {}
         self._published: dict[tuple[str, str], tuple] = {}  # what each unit's last published report said
         self._save_after_chain = False   # a held unit changed what the unit list says
         self._listing: dict[tuple[str, str], int] = {}   # unit -> the write listing it as restarting
@@ -249,7 +265,7 @@ class NodeAgent:
         for q in self._queues.values():
             await q.join()
         for dog in self._watchdogs.values():
-            dog.cancel()
+            dog.timer.cancel()
         self._watchdogs.clear()
         for t in list(self._workers.values()) + list(self._tasks):
             t.cancel()
@@ -340,11 +356,11 @@ class NodeAgent:
                 self._save_after_chain = True
             else:
                 self._save_soon()
-        report = self._unit_report(unit, light=same_tree)
-        if held:
-            self._held_reports.append(report)
+        if held:      # its report is made when the chains are over (the state it has then)
+            full = not same_tree or self._held_changes.pop(key, (None, False))[1]
+            self._held_changes[key] = (unit, full)      # (re-inserted: the order of last changes)
         else:
-            self._events.put_nowait(report)
+            self._events.put_nowait(self._unit_report(unit, light=same_tree))
             self._events_soon()
 
     def _events_soon(self) -> None:
@@ -423,8 +439,7 @@ class NodeAgent:
                 t0 = time.perf_counter()
                 results = await self._stage_on_units(msg, stage)
                 held.append({"stage": stage, "wall_ms": round((time.perf_counter() - t0) * 1000, 3),
-                             "results": {n: {k: v for k, v in r.items() if k in ("ok", "ms", "error", "data")}
-                                         for n, r in results.items()}})
+                             "results": results})
                 failed = not all(r["ok"] for r in results.values())
                 if failed or i == len(stages) - 1:
                     answer()
@@ -485,13 +500,9 @@ class NodeAgent:
         answers told the orchestrator, and 64 units would otherwise send 128 reports after
         every checkpoint (logged as 128 state changes) for a net change of none."""
         self._held_units.clear()
-        last: dict[tuple[str, str], dict[str, Any]] = {}
-        for report in self._held_reports:
-            key = (report["job"], report["unit"])
-            last.pop(key, None)          # (re-inserted: the order of last changes is kept)
-            last[key] = report
-        self._held_reports.clear()
-        for key, report in last.items():
+        changes, self._held_changes = self._held_changes, {}
+        for key, (unit, full) in changes.items():
+            report = self._unit_report(unit, light=not full)
             if _said(report) != self._published.get(key):
                 self._events.put_nowait(report)
         if self._save_after_chain:
@@ -509,7 +520,8 @@ class NodeAgent:
         return self._gate
 
     async def _stage_on_units(self, msg: dict[str, Any], stage: str) -> dict[str, dict[str, Any]]:
-        """One stage on every unit the ``stages`` message names; their results by unit name."""
+        """One stage on every unit the ``stages`` message names; their results by unit name,
+        each with the fields a ``stage_results`` answer carries (``_ANSWERED``)."""
         futs: dict[str, asyncio.Future] = {}
         loop = asyncio.get_running_loop()
         # a batch that writes manifests is made durable with one syncfs (see _made_durable)
@@ -528,7 +540,8 @@ class NodeAgent:
             futs[str(name)] = fut = loop.create_future()
             self._on_command_local({"type": "stage", "job": msg["job"], "unit": str(name),
                                     "checkpoint": msg["checkpoint"], "stage": stage, "args": args, "_reply": fut})
-        results = dict(zip(futs, await asyncio.gather(*futs.values())))
+        results = {name: {k: v for k, v in r.items() if k in _ANSWERED}
+                   for name, r in zip(futs, await asyncio.gather(*futs.values()))}
         return await self._made_durable(results, sync)
 
     async def _made_durable(self, results: dict[str, dict[str, Any]], sync: bool) -> dict[str, dict[str, Any]]:
@@ -612,21 +625,33 @@ class NodeAgent:
         return {"ms": (time.perf_counter() - t0) * 1000, "data": {"pid": unit.root_pid or 0, "fresh": True}}
 
     def _arm_watchdog(self, unit: Unit, ckpt: str, args: dict[str, Any]) -> None:
-        """A unit mid-checkpoint whose orchestrator falls silent is resumed: the checkpoint is abandoned."""
-        delay = 2 * float(args.get("timeout") or 30.0)
-        key = (unit.job, unit.name, ckpt)
+        """A unit mid-checkpoint whose orchestrator falls silent is resumed: the checkpoint is
+        abandoned.  One timer per checkpoint (its units on this agent join it), not one per
+        unit: a batch of 64 units armed and disarmed 64 timers per checkpoint."""
+        key = (unit.job, ckpt)
+        dog = self._watchdogs.get(key)
+        if dog is None:
+            delay = 2 * float(args.get("timeout") or 30.0)
+            dog = self._watchdogs[key] = _Watchdog(delay)
+            dog.timer = asyncio.get_running_loop().call_later(delay, self._watchdog_fired, key)
+        dog.units[unit.name] = args
 
-        def fire() -> None:     # a timer, not a task per unit and checkpoint
-            self._watchdogs.pop(key, None)
+    def _watchdog_fired(self, key: tuple[str, str]) -> None:
+        dog = self._watchdogs.pop(key, None)
+        if dog is None:
+            return
+        job, ckpt = key
+        for name, args in dog.units.items():
             event(log, "no resume_cp or abort in time: abandoning the checkpoint and thawing", logging.WARNING,
-                  job=unit.job, unit=unit.name, checkpoint=ckpt, waited_s=delay)
-            self._on_command_local(protocol.make("stage", job=unit.job, unit=unit.name, checkpoint=ckpt,
+                  job=job, unit=name, checkpoint=ckpt, waited_s=dog.delay)
+            self._on_command_local(protocol.make("stage", job=job, unit=name, checkpoint=ckpt,
                                                  stage=protocol.ABORT_STAGE, args=dict(args)))
 
-        old = self._watchdogs.pop(key, None)
-        if old is not None:
-            old.cancel()
-        self._watchdogs[key] = asyncio.get_running_loop().call_later(delay, fire)
+    def _disarm_watchdog(self, job: str, name: str, ckpt: str) -> None:
+        dog = self._watchdogs.get((job, ckpt))
+        if dog is not None and dog.units.pop(name, None) is not None and not dog.units:
+            dog.timer.cancel()
+            del self._watchdogs[(job, ckpt)]
 
     def _on_command_local(self, msg: dict[str, Any]) -> None:
         """Queue a command as if it had come from the bus (serialised with the unit's others)."""
@@ -682,9 +707,7 @@ class NodeAgent:
         if stage == "prepare":
             self._arm_watchdog(unit, ckpt, args)
         if stage in ("resume_cp", protocol.ABORT_STAGE):
-            dog = self._watchdogs.pop((job, name, ckpt), None)
-            if dog is not None:
-                dog.cancel()
+            self._disarm_watchdog(job, name, ckpt)
         if stage == "resume_cp":
             self._set_interval(unit, int(args.get("interval", args.get("seq", 0))))
         elif stage == "rebuild":
@@ -697,14 +720,16 @@ class NodeAgent:
         if stage not in BATCH_STAGES or len(msg["units"]) < 2:
             return None
         batch = []
+        copy = stage in ("checkpoint", "seal")      # their args get defer_sync (see _stage_on_units)
+        job, units, queues, executing, busy = msg["job"], self.units, self._queues, self._executing, self._batch_busy
         for name, args in msg["units"].items():
-            key = (msg["job"], str(name))
-            unit = self.units.get(key)
-            q = self._queues.get(key)
-            if (unit is None or key in self._executing or key in self._batch_busy or (q is not None and not q.empty())
+            key = (job, str(name))
+            unit = units.get(key)
+            q = queues.get(key)
+            if (unit is None or key in executing or key in busy or (q is not None and not q.empty())
                     or not isinstance(args, dict) or not isinstance(args.get("seq", 0), int)):
                 return None
-            batch.append((str(name), unit, dict(args)))
+            batch.append((key[1], unit, dict(args) if copy else args))
         return batch
 
     async def _stage_batch(self, msg: dict[str, Any], stage: str,

@@ -51,10 +51,10 @@ BATCH_STAGES = frozenset({"prepare", "stop", "checkpoint", "resume_cp", "seal"})
 class _Item:
     """One unit's part of a batch."""
 
-    __slots__ = ("unit", "args", "seq", "fut", "ctx", "data", "error", "t_done")
+    __slots__ = ("unit", "args", "seq", "fut", "backend", "ctx", "data", "error", "t_done")
 
-    def __init__(self, unit: Any, args: dict[str, Any], seq: int | None, fut: asyncio.Future) -> None:
-        self.unit, self.args, self.seq, self.fut = unit, args, seq, fut
+    def __init__(self, unit: Any, args: dict[str, Any], seq: int | None, fut: asyncio.Future, backend: Any) -> None:
+        self.unit, self.args, self.seq, self.fut, self.backend = unit, args, seq, fut, backend
         self.ctx: dict[str, Any] = {}
         self.data: dict[str, Any] | None = None
         self.error: BaseException | None = None
@@ -86,7 +86,8 @@ def _as_checkpoint_error(exc: BaseException, stage: str, item: _Item) -> Checkpo
 async def run_batch(runner: "UnitStageRunner", stage: str, cid: str,
                     units: list[tuple[Any, dict[str, Any]]]) -> dict[str, dict[str, Any] | CheckpointError]:
     """``stage`` of checkpoint ``cid`` on every (unit, args): each unit's ``run`` result, or
-    its CheckpointError, by unit name."""
+    its CheckpointError, by unit name.  The results are the stage's remembered outcomes
+    themselves (``run`` hands out copies): read them, do not change them."""
     if stage not in BATCH_STAGES:
         raise ValueError(f"stage {stage!r} has no batch form")
     items: list[_Item] = []
@@ -96,7 +97,7 @@ async def run_batch(runner: "UnitStageRunner", stage: str, cid: str,
         if fut is None:      # ran already, or running: its outcome, as run() would give it
             earlier[unit.name] = runner.outcome(unit, cid, stage)
             continue
-        items.append(_Item(unit, args, int(args.get("seq") or 0) or None, fut))
+        items.append(_Item(unit, args, int(args.get("seq") or 0) or None, fut, runner.backend_for(unit)))
     t0 = time.monotonic()
     try:
         await _BODIES[stage](runner, cid, items)
@@ -120,10 +121,10 @@ async def run_batch(runner: "UnitStageRunner", stage: str, cid: str,
             out[it.unit.name] = err
         else:
             ms = round((it.t_done - t0) * 1000, 3)
-            res = {"stage": stage, "ms": ms, "data": it.data}
+            res = {"stage": stage, "ms": ms, "data": it.data or {}}
             runner.stage_done(it.unit, cid, stage, ms)
             it.fut.set_result(res)
-            out[it.unit.name] = dict(res, data=dict(it.data or {}))
+            out[it.unit.name] = res      # (shared with the remembered outcome: read, never changed)
     for name, fut in earlier.items():
         try:
             res = await asyncio.shield(fut)
@@ -162,8 +163,7 @@ async def _side_by_side(items: list[_Item], call: Callable[[_Item], Awaitable[An
 def _by_backend(runner: "UnitStageRunner", items: list[_Item]) -> dict[int, tuple[Any, list[_Item]]]:
     groups: dict[int, tuple[Any, list[_Item]]] = {}
     for it in items:
-        backend = runner.backend_for(it.unit)
-        groups.setdefault(id(backend), (backend, []))[1].append(it)
+        groups.setdefault(id(it.backend), (it.backend, []))[1].append(it)
     return groups
 
 
@@ -263,7 +263,7 @@ def _freezers_together(runner: "UnitStageRunner", live: list[_Item]) -> list[Any
         return None
     freezers = [getattr(it.unit, "freezer", None) for it in live]
     if any(f is None for f in freezers) or not all(
-            getattr(runner.backend_for(it.unit), "freezer_untouched", False) for it in live):
+            getattr(it.backend, "freezer_untouched", False) for it in live):
         return None
     return freezers
 
@@ -302,7 +302,7 @@ async def _checkpoint(runner: "UnitStageRunner", cid: str, items: list[_Item]) -
 
     async def one(it: _Item) -> None:
         t = time.monotonic()
-        await runner.backend_for(it.unit).checkpoint(it.unit, it.ctx["images"])
+        await it.backend.checkpoint(it.unit, it.ctx["images"])
         backend_ms[id(it)] = round((time.monotonic() - t) * 1000, 3)
 
     for backend, group in _by_backend(runner, live).values():
@@ -329,7 +329,7 @@ async def _checkpoint(runner: "UnitStageRunner", cid: str, items: list[_Item]) -
         if not it.live:
             continue
         meta = runner.checkpoint_meta(it.unit, cid, it.ctx, backend_ms[id(it)])
-        note = runner.backend_for(it.unit).stage_note(it.unit)
+        note = it.backend.stage_note(it.unit)
         if it.args.get("seal_later"):
             it.ctx["unsealed"] = meta
             it.finish(runner.checkpoint_data(it.ctx, backend_ms[id(it)], None, note))
@@ -378,7 +378,7 @@ async def _resume_cp(runner: "UnitStageRunner", cid: str, items: list[_Item]) ->
     freezers = _freezers_together(runner, live)
     for it in live:     # neither waits for the program: one after the other
         try:
-            await runner.backend_for(it.unit).before_thaw(it.unit)
+            await it.backend.before_thaw(it.unit)
             if freezers is None:
                 await it.unit.thaw()
         except CheckpointError as exc:

@@ -286,7 +286,7 @@ async def main():
     await asyncio.sleep(60)
 asyncio.run(main())
 """)
-    proc = await asyncio.create_subprocess_exec("python3", str(script), stdout=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(sys.executable, str(script), stdout=asyncio.subprocess.PIPE)
     pid = int((await asyncio.wait_for(proc.stdout.readline(), 10)).strip())
     await wait_for(lambda: Path(f"/proc/{pid}/exe").exists() and "criu" in os.readlink(f"/proc/{pid}/exe"),
                    5, "criu in the slot")

@@ -458,3 +458,24 @@ async def test_each_checkpoint_takes_the_spare_images_dir_made_after_the_last(tm
             ck = await cell.orch.control("checkpoint", {"job": job})
             for u in ck["units"]:
                 assert cell.store.images_dir(job, u["name"], u["seq"]).stat().st_ino == inodes[u["name"]]
+
+
+async def test_units_of_a_checkpoint_whose_orchestrator_fell_silent_are_resumed(tmp_path: Path) -> None:
+    """Prepared and frozen, then nothing more: after twice the stage timeout the agent abandons
+    the checkpoint for every unit of it (one timer for the checkpoint): thawed, running, its
+    partial images deleted, nothing left armed."""
+    async with Cell(tmp_path) as cell:
+        job = await cell.submit(["n1", "n1"])
+        agent = cell.agents["n1"]
+        units = [agent.units[(job, n)] for n in ("u0", "u1")]
+        await cell.obus.publish(protocol.agent_key("s1", "n1"), protocol.make(
+            "stages", job=job, checkpoint="ck-silent", stage="prepare", then=["stop"],
+            units={u.name: {"seq": 99, "timeout": 0.25} for u in units}))
+        await cell.until(lambda: all(u.freezer.frozen for u in units), timeout=5)
+        assert set(agent._watchdogs) == {(job, "ck-silent")}
+        assert all(cell.store.images_dir(job, u.name, 99).is_dir() for u in units)
+        await cell.until(lambda: not any(u.freezer.frozen for u in units), timeout=5)
+        await cell.until(lambda: not any(cell.store.images_dir(job, u.name, 99).exists() for u in units), timeout=5)
+        assert not agent._watchdogs and all(u.state == "running" for u in units)
+        ck = await cell.orch.control("checkpoint", {"job": job})     # and the job checkpoints again
+        assert {u["name"] for u in ck["units"]} == {"u0", "u1"}

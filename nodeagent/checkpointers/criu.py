@@ -1,13 +1,21 @@
 """The CRIU backend: a unit's whole process tree, checkpointed and restored by CRIU 4.x.
 
-CLI, not RPC (``criu swrk``).  CRIU 4.1's command line has every option this backend
-needs: ``dump --leave-running --freeze-cgroup`` (dump a tree the agent already froze),
-``restore --restore-detached --restore-sibling --leave-stopped`` (the restored root becomes
-a child of the caller, exactly what ``swrk`` with ``rst_sibling`` gives runc, and stays
-stopped until resume_rst) and ``cpuinfo dump/check``.  Both ways start one criu process per
-operation, so RPC would not be faster; the CLI needs no protobuf encoder of rpc.proto to
-maintain, every call can be replayed by hand from the logged argv, and the benchmark's
-baseline is this very CLI, so the comparison measures only what the backend adds.
+Dumps through RPC, restores through the command line, both started ahead (criu_warm).  Most
+of a small dump's or restore's time is criu's own start-up (exec, then a probe of the
+kernel's features that waits for RCU grace periods), before it touches the process; so the
+agent starts criu while nothing waits (``ready_next``: after a launch, after each stage
+chain) and a stage only waits for the work on the process.  A dump is ``criu swrk`` (CRIU's
+RPC service, as runc and libcriu drive it) with ``notify_scripts``: it stops at its pre-dump
+notification until the checkpoint stage answers it; RPC because only it can hold criu there
+(criu_proto encodes the dozen fields of rpc.proto used).  Its options are those of ``dump
+--leave-running --freeze-cgroup --manage-cgroups=ignore --file-locks`` (dump a tree the agent
+already froze).  A restore is ``restore --restore-detached --restore-sibling --leave-stopped``
+(the restored root becomes a child of the caller, exactly what ``swrk`` with ``rst_sibling``
+gives runc, and stays stopped until resume_rst) on a placeholder whose inventory is a FIFO:
+the command line keeps every call replayable by hand from the logged argv.  When nothing
+was started ahead (or it does not fit, or died), criu starts on the spot: a dump through the
+same RPC session, a restore directly on the images.  ``cpuinfo dump/check`` run on the
+command line.
 
 Launch.  ``plan_launch`` runs the command as ``unshare --pid --fork setsid CMD``: CMD is the
 init (pid 1) of its own PID namespace and leads its own session, so CRIU dumps a

@@ -113,7 +113,11 @@ class DumpSession:
         opts = dict(self.common, images_dir_fd=self._dirfd, work_dir_fd=self.runner.work_dir_fd(), pid=self.root,
                     log_file=self.log_name, log_level=self.runner.log_level, notify_scripts=True,
                     freeze_cgroup=self.freeze_cgroup)
-        self._send(criu_proto.dump_request(**opts))
+        try:
+            self._send(criu_proto.dump_request(**opts))
+        except CheckpointError as exc:
+            self.close()
+            raise OSError(str(exc)) from None
 
     # -- state -----------------------------------------------------------------------------
     @property
