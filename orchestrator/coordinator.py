@@ -155,7 +155,10 @@ class Coordinator:
     @staticmethod
     async def _collect(futs: dict[str, asyncio.Future], stage: str, timeout: float) -> dict[str, dict[str, Any]]:
         """Wait for every unit's result of one stage; StageFailed naming the first failure."""
-        if futs:   # (an abort may concern no unit any more: all of them ended)
+        # (an abort may concern no unit any more: all of them ended).  In a chain answered in
+        # one message every stage after the first finds its futures done: asyncio.wait would
+        # still put a callback per future through the loop (64 units: 192 per checkpoint)
+        if futs and not all(f.done() for f in futs.values()):
             await asyncio.wait(futs.values(), timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
         results: dict[str, dict[str, Any]] = {}
         for name, fut in futs.items():
