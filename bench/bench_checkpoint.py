@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 from bench_criu_raw import RawTwin, compare  # noqa: E402
+from bench_raw_fanout import raw_rounds  # noqa: E402
 from nodeagent.checkpointers.criu_cli import find_criu  # noqa: E402
 
 from benchenv import bench_broker  # noqa: E402
@@ -273,18 +274,21 @@ async def table2(args: argparse.Namespace) -> None:
                         measured = await scaling(args.broker, turn, Path(store), command, runs=n)
                         for size, times in measured.items():
                             samples.setdefault((prog, where), {}).setdefault(size, []).extend(times)
+            # the baseline, in each round too: one bare CHECKPOINT/DONE round with N C programs
+            with tempfile.TemporaryDirectory(prefix="bench-fanout-", dir="/dev/shm") as shm:
+                for size, times in (await raw_rounds(idle_c, counts, 20 * n, Path(shm))).items():
+                    samples.setdefault(("raw", "round"), {}).setdefault(size, []).extend(times)
     got = {key: {size: med(times) for size, times in by_size.items()} for key, by_size in samples.items()}
     header = ["units (app backend, amqp)"]
-    for where, parent in stores:
-        for prog, _ in programs:
-            header += [f"{prog}, {where} ms", "vs 1 unit"]
+    columns = [(prog, where) for where, _ in stores for prog, _ in programs] + [("raw", "round")]
+    for prog, where in columns:
+        header += [f"{prog}, {where} ms" if prog != "raw" else "bare round (C) ms", "vs 1 unit"]
     rows = [header]
     for n in counts:
         row = [str(n)]
-        for where, _ in stores:
-            for prog, _ in programs:
-                t = got[(prog, where)]
-                row += [f"{t[n]:.1f}", f"{t[n] / t[counts[0]]:.2f}x"]
+        for key in columns:
+            t = got[key]
+            row += [f"{t[n]:.2f}" if key[0] == "raw" else f"{t[n]:.1f}", f"{t[n] / t[counts[0]]:.2f}x"]
         rows.append(row)
     print(f"\nTable 2: coordinated checkpoint time by number of units (median of {args.scaling_runs}: each job "
           f"checkpointed in series, back to back, in {args.scaling_rounds} rounds whose order of sizes rotates), idle "
@@ -293,6 +297,9 @@ async def table2(args: argparse.Namespace) -> None:
     print("stores: " + ", ".join(f"{where} = {parent} ({fs_type(parent)})" for where, parent in stores)
           + ".  Each program writes its state file into the store: on disk that file's creation "
           "(10-300 us on a VM disk) is the program's own cost; in memory what is left is the protocol's.")
+    print("bare round: no gridckpt, one asyncio loop sends CHECKPOINT to N idle_app.c programs over their "
+          "Unix sockets and waits for every DONE (bench_raw_fanout.py; 20 rounds per checkpoint above): "
+          "what this machine takes to wake N processes and hear back, once.")
 
 
 async def table1(args: argparse.Namespace) -> None:

@@ -372,6 +372,22 @@ async def test_the_c_client_of_the_protocol_checkpoints_twice(env, tmp_path):
     assert u.state == "running" and not u.ended
 
 
+async def test_the_scaling_benchmarks_bare_round_asks_real_programs(tmp_path):
+    """bench_raw_fanout, the baseline of the scaling table: real idle_app.c programs each write
+    their state file and answer DONE to every round, and each round is timed."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from bench_raw_fanout import build, raw_rounds
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "work").mkdir()
+    times = await raw_rounds(build(tmp_path / "bin"), [1, 3], 4, tmp_path / "work")
+    assert {n: len(t) for n, t in times.items()} == {1: 4, 3: 4} and all(x > 0 for t in times.values() for x in t)
+    states = sorted(p.read_text() for p in (tmp_path / "work").glob("d*/state"))
+    assert len(states) == 4 and all(s.isdigit() for s in states)     # one state file per program
+
+
 async def test_bad_connections_are_closed_and_the_program_still_checkpoints(env, tmp_path, monkeypatch):
     """Whatever else connects to a unit's socket: no HELLO in time, something else than
     HELLO, a line over 64 KiB, or a HELLO in pieces then BYE.  Each is closed (the bad ones
