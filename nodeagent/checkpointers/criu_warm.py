@@ -40,6 +40,7 @@ import errno
 import logging
 import os
 import shutil
+import signal
 import socket
 import stat
 import time
@@ -266,19 +267,19 @@ class DumpSession:
             self._dirfd = None
 
     def close(self, kill: bool = False) -> None:
-        """Close the connection (criu, if still waiting, then ends: it reads EOF); ``kill``:
-        SIGKILL it and reap it now (a dump that was under way)."""
+        """Close the connection; ``kill``: SIGKILL criu and reap it now (a dump that was under
+        way).  Otherwise criu ends by itself: waiting at the pre-dump point, it reads the end of
+        the connection; still setting up, it finds it when it sends that notification.  Never
+        SIGKILLed while it sets up: kerndat_init forks a ptrace helper that sleeps until criu
+        kills it, and a criu killed meanwhile leaves it sleeping for good."""
         if self._sock is not None:
             self._unwatch()
             self._sock.close()
             self._sock = None
         self._close_dir()
         self._lost("session closed")
-        if self.proc is not None and self.proc.alive:
-            if kill:
-                self.proc.kill_and_reap()
-            elif not self.released:
-                self.proc.kill()
+        if kill and self.proc is not None and self.proc.alive:
+            self.proc.kill_and_reap()
 
 
 def scratch_dir(fallback: Path) -> Path:
@@ -297,8 +298,11 @@ def scratch_dir(fallback: Path) -> Path:
 
 
 def sweep_scratch(scratch: Path) -> int:
-    """Remove the placeholders (and pid files) of slots whose agent is gone: a killed agent's
-    criu dies with it (--pdeathsig) but leaves its placeholder behind.  How many were removed."""
+    """Remove the placeholders (and pid files) of slots whose agent is gone, and end what is
+    left of their criu: a killed agent's criu dies with it (--pdeathsig) but leaves its
+    placeholder behind, and, killed while it set up, the ptrace helper kerndat_init forks
+    (its command line is criu's).  How many placeholders and pid files were removed."""
+    _kill_orphans(scratch)
     removed = 0
     try:
         names = os.listdir(scratch)
@@ -317,6 +321,28 @@ def sweep_scratch(scratch: Path) -> int:
             path.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def _kill_orphans(scratch: Path) -> None:
+    """SIGKILL the processes whose command line names a placeholder of a gone agent."""
+    prefix = os.path.join(str(scratch), "warm-restore-").encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        for arg in args:
+            if arg.startswith(prefix):
+                agent = arg[len(prefix):].split(b"-", 1)[0]
+                if agent.isdigit() and not os.path.exists(f"/proc/{agent.decode()}"):
+                    try:
+                        os.kill(int(entry), signal.SIGKILL)
+                    except OSError:
+                        pass
+                break
 
 
 class RestoreSlot:
@@ -406,9 +432,19 @@ class RestoreSlot:
             raise CheckpointError(f"{what}: criu wrote no pid to {self.pidfile}") from None
 
     def finish(self, log_name: str | None = None) -> None:
-        """Remove the placeholder and the pid file; keep the log as ``log_name`` if given."""
+        """Remove the placeholder and the pid file; keep the log as ``log_name`` if given.  An
+        unused slot's criu is made to end by itself, not killed (see DumpSession.close): the
+        FIFO is moved aside, then opened for writing and closed.  A criu that had opened it
+        reads nothing and ends; one still setting up finds no inventory.img and ends."""
         if self.proc is not None and self.proc.alive and not self.released:
-            self.proc.kill()
+            aside = self.dir / ".unused"
+            try:
+                os.rename(self.dir / INVENTORY, aside)
+                fd = os.open(aside, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                pass        # (ENXIO: no reader: criu has not opened it, and now never will)
+            else:
+                os.close(fd)
         shutil.rmtree(self.dir, ignore_errors=True)
         self.pidfile.unlink(missing_ok=True)
         if log_name is not None:
