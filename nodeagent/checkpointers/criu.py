@@ -70,10 +70,10 @@ import hashlib
 import json
 import logging
 import os
-import time
 import shutil
 import signal
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -84,7 +84,7 @@ from . import criu_proto
 from .criu_cli import CriuRunner
 from .criu_inspect import (Sha256Cache, TreeFiles, copy_file, inspect_tree, ns_pids, parent_of,
                            tree_pids)
-from .criu_warm import SETPRIV, DumpSession, RestoreSlot, WarmFailed, scratch_dir, sweep_scratch
+from .criu_warm import SETPRIV, DumpSession, RestoreSlot, WarmFailed, open_dir, scratch_dir, sweep_scratch
 
 log = logging.getLogger("gridckpt.criu")
 
@@ -131,8 +131,7 @@ class CriuCheckpointer(Checkpointer):
         self._notes: dict[tuple[str, str], bool] = {}  # per unit: its last dump/restore was started ahead
         self._refresh: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Future] = set()
-        self._scratch = scratch_dir(self.runner.work_dir)
-        sweep_scratch(self._scratch)
+        self._scratch: Path | None = None     # where slots put placeholders (the first ready_next)
         self.snapshot_limit = snapshot_limit
         self._hashes = Sha256Cache()
         self._cpuinfo: bytes | None = None
@@ -155,13 +154,17 @@ class CriuCheckpointer(Checkpointer):
     async def checkpoint(self, unit: UnitProcess, images: Path) -> None:
         images = Path(images)
         cpuinfo = await self._node_cpuinfo()
-        root, lock = await asyncio.to_thread(self._before_dump, unit, images)
+        root, lock, (dirfd, dir_id) = await asyncio.to_thread(self._before_dump, unit, images)
         try:
             if lock is not None and not lock.held:
-                await asyncio.to_thread(lock.wait)
+                try:
+                    await asyncio.to_thread(lock.wait)
+                except BaseException:
+                    os.close(dirfd)     # (_dump takes it over)
+                    raise
             freezer = unit.freezer_path if unit.freezer_path and os.path.isdir(unit.freezer_path) else None
             results = await asyncio.gather(
-                self._dump(unit, root, images, freezer),
+                self._dump(unit, root, str(images), dirfd, dir_id, freezer),
                 asyncio.to_thread(self._scan_and_describe, root, images, cpuinfo),
                 return_exceptions=True)
         finally:
@@ -173,18 +176,22 @@ class CriuCheckpointer(Checkpointer):
             if isinstance(result, BaseException):
                 raise CheckpointError(f"checkpoint of unit {unit.name} failed: {result}") from result
 
-    async def _dump(self, unit: UnitProcess, root: int, images: Path, freezer: str | None) -> None:
-        """criu dump of ``root`` into ``images``: through the unit's session started ahead when
-        it fits (same root, freezer cgroup and directory), else through one started now."""
+    async def _dump(self, unit: UnitProcess, root: int, images: str, dirfd: int, dir_id: tuple[int, int],
+                    freezer: str | None) -> None:
+        """criu dump of ``root`` into ``images`` (``dirfd``, ``dir_id``: open_dir's): through
+        the unit's session started ahead when it fits (same root, freezer cgroup and
+        directory), else through one started now on ``dirfd``."""
         key = (unit.job, unit.name)
         what = f"criu dump of unit {unit.name}"
         session = self._sessions.pop(key, None)
-        if session is not None and not session.fits(root, str(images), freezer):
+        if session is not None and not session.fits(root, dir_id, freezer):
             session.close()
             session = None
         ahead = session is not None
-        if session is None:
-            session = self._new_session(unit, root, str(images), freezer)
+        if ahead:
+            os.close(dirfd)
+        else:
+            session = self._start_session(self._log_name("dump", unit), root, images, dirfd, dir_id, freezer, what)
         try:
             await session.dump(what)
         except WarmFailed:
@@ -193,24 +200,28 @@ class CriuCheckpointer(Checkpointer):
             log.warning("criu started ahead for unit %s/%s ended before the dump; dumping without it",
                         unit.job, unit.name)
             ahead = False
-            session = self._new_session(unit, root, str(images), freezer)
+            fd, dir_id = await asyncio.to_thread(open_dir, images)
+            session = self._start_session(self._log_name("dump", unit), root, images, fd, dir_id, freezer, what)
             await session.dump(what)
         self._later(session.keep_log)
         self._notes[key] = ahead
 
-    def _new_session(self, unit: UnitProcess, root: int, images: str, freezer: str | None) -> DumpSession:
-        log_name = self._log_name("dump", unit)
+    def _start_session(self, final_log: str, root: int, images: str, dirfd: int, dir_id: tuple[int, int],
+                       freezer: str | None, what: str) -> DumpSession:
+        """A started DumpSession on ``dirfd`` (which it owns); CheckpointError naming ``what``."""
         # a log of its own while it runs: one started ahead must not truncate the unit's last
-        session = DumpSession(self.runner, root=root, images=images, log_name=f"{log_name[:-4]}.{uuid.uuid4().hex[:8]}.log",
-                              final_log=log_name, freeze_cgroup=freezer, common=_COMMON_RPC)
+        session = DumpSession(self.runner, root=root, images=images, dirfd=dirfd, dir_id=dir_id,
+                              log_name=f"{final_log[:-4]}.{uuid.uuid4().hex[:8]}.log", final_log=final_log,
+                              freeze_cgroup=freezer, common=_COMMON_RPC)
         try:
             session.start()
         except OSError as exc:
-            raise CheckpointError(f"criu dump of unit {unit.name}: cannot start criu: {exc}") from None
+            raise CheckpointError(f"{what}: cannot start criu: {exc}") from None
         return session
 
-    def _before_dump(self, unit: UnitProcess, images: Path) -> tuple[int, "_CwdLock | None"]:
-        """(thread) The namespace init to dump, the images dir, and the unit's cwd lock.
+    def _before_dump(self, unit: UnitProcess, images: Path) -> tuple[int, "_CwdLock | None", tuple[int, tuple[int, int]]]:
+        """(thread) The namespace init to dump, the images dir (made, and open_dir's), and the
+        unit's cwd lock.
 
         The process whose /proc is not its PID namespace's (our units: no mount namespace)
         makes CRIU's parasite mount a procfs at ``<cwd>/proc.crtools``; two dumps of units
@@ -219,11 +230,12 @@ class CriuCheckpointer(Checkpointer):
         """
         root = self._dump_root(unit)
         images.mkdir(parents=True, exist_ok=True)
+        opened = open_dir(images)
         try:
             cwd = os.readlink(f"/proc/{root}/cwd")
         except OSError:
-            return root, None
-        return root, _CwdLock(cwd)
+            return root, None, opened
+        return root, _CwdLock(cwd), opened
 
     def _scan_and_describe(self, root: int, images: Path, cpuinfo: bytes) -> None:
         """(thread, while criu dumps) The files the tree holds, then gridckpt-criu.json."""
@@ -379,7 +391,7 @@ class CriuCheckpointer(Checkpointer):
                 pid, ahead = await slot.restore(images, what, log_name), True
                 self._later(slot.finish, log_name)      # (its placeholder is not in the way)
             except WarmFailed as exc:
-                slot.finish()
+                self._later(slot.finish)
                 log.warning("restore slot not used for unit %s/%s: %s", unit.job, unit.name, exc)
             except CheckpointError as exc:
                 pid = await self._restore_now(images, what, log_name)   # its error, if it fails too
@@ -415,22 +427,22 @@ class CriuCheckpointer(Checkpointer):
         if not self.ahead:
             return
         self._schedule_refresh()
-        try:
-            root = await asyncio.to_thread(self._dump_root, unit) if unit.root_pid is not None else None
-        except CheckpointError:
-            root = None
-        old = self._sessions.get(key)
+        if self._scratch is None:       # (a /proc scan: once, in a thread)
+            self._scratch = await asyncio.to_thread(self._prepare_scratch)
         freezer = unit.freezer_path if unit.freezer_path and os.path.isdir(unit.freezer_path) else None
-        if old is not None and root is not None and spare is not None and old.fits(root, str(spare), freezer) \
+        root, opened = await asyncio.to_thread(self._root_and_spare, unit, spare)
+        old = self._sessions.get(key)
+        if old is not None and opened is not None and old.fits(root, opened[1], freezer) \
                 and time.monotonic() - old.born < WARM_MAX_AGE:
-            pass
+            os.close(opened[0])         # the one waiting is still right
         else:
             if old is not None:
-                self._sessions.pop(key, None)
+                del self._sessions[key]
                 old.close()
-            if root is not None and spare is not None:
+            if opened is not None:
                 try:
-                    self._sessions[key] = self._new_session(unit, root, str(spare), freezer)
+                    self._sessions[key] = self._start_session(
+                        self._log_name("dump", unit), root, str(spare), *opened, freezer, f"unit {unit.name}")
                 except CheckpointError as exc:
                     log.debug("no criu started ahead for %s/%s: %s", unit.job, unit.name, exc)
         self._fill_slots()
@@ -439,6 +451,23 @@ class CriuCheckpointer(Checkpointer):
                 await self._node_cpuinfo()
             except CheckpointError as exc:
                 log.warning("criu cpuinfo dump failed: %s", exc)
+
+    def _prepare_scratch(self) -> Path:
+        """(thread) The placeholders' directory, cleared of what agents that are gone left."""
+        scratch = scratch_dir(self.runner.work_dir)
+        sweep_scratch(scratch)
+        return scratch
+
+    def _root_and_spare(self, unit: UnitProcess, spare: Path | None) -> tuple[int, tuple[int, tuple[int, int]] | None]:
+        """(thread) The dump root and open_dir(spare); None for the latter when there is no
+        tree or no spare to start a dump on."""
+        if unit.root_pid is None or spare is None:
+            return 0, None
+        try:
+            root = self._dump_root(unit)
+            return root, open_dir(spare)
+        except (CheckpointError, OSError):
+            return 0, None
 
     def _later(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` in a thread, not awaited (file clean-up off the stages' path)."""
@@ -450,8 +479,8 @@ class CriuCheckpointer(Checkpointer):
         now = time.monotonic()
         for slot in [s for s in self._slots if not s.usable or now - s.born > WARM_MAX_AGE]:
             self._slots.remove(slot)
-            slot.finish()
-        want = min(self.warm_restores, len(self._served)) if self.ahead else 0
+            self._later(slot.finish)
+        want = min(self.warm_restores, len(self._served)) if self.ahead and self._scratch else 0
         while len(self._slots) < want:
             slot = RestoreSlot(self.runner, _RESTORE, self._scratch)
             try:
@@ -466,12 +495,12 @@ class CriuCheckpointer(Checkpointer):
             slot = self._slots.pop(0)
             if slot.usable and time.monotonic() - slot.born <= WARM_MAX_AGE:
                 return slot
-            slot.finish()
+            self._later(slot.finish)
         return None
 
     def _drop_slots(self) -> None:
         for slot in self._slots:
-            slot.finish()
+            self._later(slot.finish)
         self._slots.clear()
 
     def _schedule_refresh(self) -> None:
@@ -482,28 +511,31 @@ class CriuCheckpointer(Checkpointer):
 
     def _refresh_old(self) -> None:
         self._refresh = None
+        task = asyncio.ensure_future(self._replace_old())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _replace_old(self) -> None:
+        """What was started ahead more than half WARM_MAX_AGE ago, started again."""
         now = time.monotonic()
-        stale = [k for k, s in self._sessions.items() if now - s.born > WARM_MAX_AGE / 2]
-        for key in stale:
-            session = self._sessions.pop(key)
-            session.close()
-            self._respawn(key, session)
+        for key in [k for k, s in self._sessions.items() if now - s.born > WARM_MAX_AGE / 2]:
+            old = self._sessions.pop(key)
+            old.close()
+            try:
+                fd, dir_id = await asyncio.to_thread(open_dir, old.images)
+                if key not in self._sessions:     # (a checkpoint or ready_next meanwhile)
+                    self._sessions[key] = self._start_session(old.final_log, old.root, old.images, fd, dir_id,
+                                                              old.freeze_cgroup, f"unit {key[1]}")
+                else:
+                    os.close(fd)
+            except (OSError, CheckpointError):
+                pass    # the spare is gone: ready_next or the next checkpoint starts criu itself
         for slot in [s for s in self._slots if now - s.born > WARM_MAX_AGE / 2]:
             self._slots.remove(slot)
-            slot.finish()
+            self._later(slot.finish)
         self._fill_slots()
         if self._sessions or self._slots:
             self._schedule_refresh()
-
-    def _respawn(self, key: tuple[str, str], old: DumpSession) -> None:
-        fresh = DumpSession(self.runner, root=old.root, images=old.images,
-                            log_name=f"{old.final_log[:-4]}.{uuid.uuid4().hex[:8]}.log",
-                            final_log=old.final_log, freeze_cgroup=old.freeze_cgroup, common=_COMMON_RPC)
-        try:
-            fresh.start()
-        except OSError:
-            return      # the spare is gone: the next checkpoint starts criu itself
-        self._sessions[key] = fresh
 
     def stage_note(self, unit: UnitProcess) -> dict[str, Any]:
         """What the stage answer says of the last dump or restore: criu was started ahead."""
@@ -530,8 +562,8 @@ class CriuCheckpointer(Checkpointer):
             session.close()
         self._sessions.clear()
         self._drop_slots()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
 
     async def resume_rst(self, unit: UnitProcess) -> None:
         root = unit.root_pid

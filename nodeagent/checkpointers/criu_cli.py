@@ -140,6 +140,20 @@ class CriuRunner:
             self._work_fd = os.open(self.work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         return self._work_fd
 
+    def keep_log(self, name: str, final: str) -> None:
+        """(thread) The log ``name`` becomes ``final`` (a unit's last dump or restore log); its
+        stderr file goes."""
+        try:
+            os.replace(self.log_path(name), self.log_path(final))
+        except OSError:
+            pass
+        self.log_path(name + ".stderr").unlink(missing_ok=True)
+
+    def drop_log(self, name: str) -> None:
+        """(thread) Remove the log ``name`` and its stderr file."""
+        self.log_path(name).unlink(missing_ok=True)
+        self.log_path(name + ".stderr").unlink(missing_ok=True)
+
     def argv(self, args: list[str], log_name: str) -> list[str]:
         """``criu ARGS -W work_dir -o log_name -vN``."""
         return [self.criu, *args, "-W", str(self.work_dir), "-o", log_name, f"-v{self.log_level}"]

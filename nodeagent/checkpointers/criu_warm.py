@@ -63,11 +63,24 @@ class WarmFailed(CheckpointError):
     """A process started ahead ended before it was used: nothing was done with the unit."""
 
 
-class DumpSession:
-    """One ``criu swrk`` dump of one process tree, held at CRIU's pre-dump point (see module)."""
+def open_dir(path: str | Path) -> tuple[int, tuple[int, int]]:
+    """(thread) A descriptor of the directory ``path`` and its (device, inode).  OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd, (st.st_dev, st.st_ino)
 
-    def __init__(self, runner: CriuRunner, *, root: int, images: str, log_name: str, final_log: str,
-                 freeze_cgroup: str | None, common: dict[str, object]) -> None:
+
+class DumpSession:
+    """One ``criu swrk`` dump of one process tree, held at CRIU's pre-dump point (see module).
+    ``dirfd`` (from ``open_dir``, owned by the session from then on) and ``dir_id`` name the
+    images directory, ``images`` its path when the session was made."""
+
+    def __init__(self, runner: CriuRunner, *, root: int, images: str, dirfd: int, dir_id: tuple[int, int],
+                 log_name: str, final_log: str, freeze_cgroup: str | None, common: dict[str, object]) -> None:
         self.runner = runner
         self.root = root
         self.images = images
@@ -76,11 +89,11 @@ class DumpSession:
         self.freeze_cgroup = freeze_cgroup
         self.common = common
         self.born = time.monotonic()
-        self.dir_id: tuple[int, int] | None = None
+        self.dir_id = dir_id
         self.released = False             # the pre-dump point was answered: the dump runs
         self.proc: SpawnedProcess | None = None
         self._sock: socket.socket | None = None
-        self._dirfd: int | None = None
+        self._dirfd: int | None = dirfd
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future[None] | None = None
         self._answer: asyncio.Future[criu_proto.Response] | None = None
@@ -88,14 +101,11 @@ class DumpSession:
 
     # -- start -----------------------------------------------------------------------------
     def start(self) -> None:
-        """Open the images dir, start ``criu swrk`` and send it the dump request.  OSError when
-        the dir cannot be opened (then nothing was started)."""
+        """Start ``criu swrk`` and send it the dump request.  OSError when criu cannot be
+        started (then nothing is left open)."""
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
         self._answer = self._loop.create_future()
-        self._dirfd = os.open(self.images, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        st = os.fstat(self._dirfd)
-        self.dir_id = (st.st_dev, st.st_ino)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = SpawnedProcess([self.runner.criu, "swrk", "3"],
@@ -132,15 +142,10 @@ class DumpSession:
         """criu has done its set-up and waits at the pre-dump point."""
         return self.usable and self._ready is not None and self._ready.done()
 
-    def fits(self, root: int, images: str, freeze_cgroup: str | None) -> bool:
-        """This session can dump ``root`` into ``images`` (the very directory it opened)."""
-        if not self.usable or root != self.root or freeze_cgroup != self.freeze_cgroup:
-            return False
-        try:
-            st = os.stat(images)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == self.dir_id
+    def fits(self, root: int, dir_id: tuple[int, int], freeze_cgroup: str | None) -> bool:
+        """This session can dump ``root`` into the directory ``dir_id`` (the one it holds)."""
+        return (self.usable and root == self.root and freeze_cgroup == self.freeze_cgroup
+                and dir_id == self.dir_id)
 
     # -- the dump --------------------------------------------------------------------------
     async def dump(self, what: str) -> None:
@@ -180,12 +185,8 @@ class DumpSession:
             raise self.runner.failure(what, self.final_log)
 
     def keep_log(self) -> None:
-        """The session's log becomes the unit's last dump log."""
-        try:
-            os.replace(self.runner.log_path(self.log_name), self.runner.log_path(self.final_log))
-        except OSError:
-            pass
-        self.runner.log_path(self.log_name + ".stderr").unlink(missing_ok=True)
+        """(thread) The session's log becomes the unit's last dump log."""
+        self.runner.keep_log(self.log_name, self.final_log)
 
     # -- the RPC socket --------------------------------------------------------------------
     def _send(self, packet: bytes) -> None:
@@ -384,15 +385,13 @@ class RestoreSlot:
         WarmFailed when criu ended before it was released (nothing restored), CheckpointError
         naming the log (kept as ``final_log``) when the restore failed."""
         assert self.proc is not None
-        self.released = True
         images = Path(os.path.abspath(images))
-        inventory = images / INVENTORY
-        data = inventory.read_bytes()
+        try:
+            data = await asyncio.to_thread(self._link, images)
+        except OSError as exc:
+            raise WarmFailed(f"{what}: cannot link the images into the placeholder: {exc}") from None
         if len(data) >= FIFO_SIZE:
             raise WarmFailed(f"{what}: {INVENTORY} too big to pass through a pipe")
-        for name in os.listdir(images):
-            if name != INVENTORY:
-                os.symlink(images / name, self.dir / name)
         fifo = self.dir / INVENTORY
         deadline = time.monotonic() + timeout
         while True:      # criu opens the FIFO once its start-up is over: usually long before
@@ -409,9 +408,10 @@ class RestoreSlot:
                 self.proc.kill()
                 raise WarmFailed(f"{what}: criu started ahead did not get ready in {timeout:g} s")
             await asyncio.sleep(0.001)
+        self.released = True              # from here on the restore is criu's
         try:
             tmp = self.dir / ".inventory"
-            os.symlink(inventory, tmp)
+            os.symlink(images / INVENTORY, tmp)
             os.rename(tmp, fifo)          # a later open of inventory.img finds the file itself
             os.write(fd, data)
         finally:
@@ -431,8 +431,17 @@ class RestoreSlot:
             self.finish(final_log)
             raise CheckpointError(f"{what}: criu wrote no pid to {self.pidfile}") from None
 
+    def _link(self, images: Path) -> bytes:
+        """(thread) Every image but the inventory linked into the placeholder; the inventory's
+        bytes."""
+        data = (images / INVENTORY).read_bytes()
+        for name in os.listdir(images):
+            if name != INVENTORY:
+                os.symlink(images / name, self.dir / name)
+        return data
+
     def finish(self, log_name: str | None = None) -> None:
-        """Remove the placeholder and the pid file; keep the log as ``log_name`` if given.  An
+        """(thread) Remove the placeholder and the pid file; keep the log as ``log_name`` if given.  An
         unused slot's criu is made to end by itself, not killed (see DumpSession.close): the
         FIFO is moved aside, then opened for writing and closed.  A criu that had opened it
         reads nothing and ends; one still setting up finds no inventory.img and ends."""
@@ -448,10 +457,6 @@ class RestoreSlot:
         shutil.rmtree(self.dir, ignore_errors=True)
         self.pidfile.unlink(missing_ok=True)
         if log_name is not None:
-            try:
-                os.replace(self.runner.log_path(self.log_name), self.runner.log_path(log_name))
-            except OSError:
-                pass
+            self.runner.keep_log(self.log_name, log_name)
         else:
-            self.runner.log_path(self.log_name).unlink(missing_ok=True)
-        self.runner.log_path(self.log_name + ".stderr").unlink(missing_ok=True)
+            self.runner.drop_log(self.log_name)
