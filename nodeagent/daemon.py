@@ -240,6 +240,7 @@ class NodeAgent:
             await unit.set_state("running")
             event(log, "unit adopted", job=unit.job, unit=unit.name, pid=pid)
             self._ready_wanted.add((unit.job, unit.name))     # its backend gets ready, as for a launch
+            self.runner.want_spare(str(unit.unit_dir))        # (one left written into is emptied)
 
     async def start(self) -> None:
         """Adopt units left running, consume commands, register, start heartbeating."""
@@ -682,7 +683,7 @@ class NodeAgent:
             plan = backend.plan_launch(unit, list(spec["command"]))
             await unit.launch(plan)
             event(log, "unit launched", job=job, unit=name, pid=unit.root_pid)
-            self.runner.spares_wanted.add(str(unit.unit_dir))   # its first checkpoint finds a spare
+            self.runner.want_spare(str(unit.unit_dir))   # its first checkpoint finds a spare
             self._ready_wanted.add((job, name))
             if not self._chains:
                 self._make_spares()

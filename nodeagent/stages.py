@@ -5,9 +5,13 @@ unit named in a ``stages`` command and answers with the returned ``{"stage", "ms
 
 =============  =============================================================================
 prepare        images dir created (a stale partial one is cleared), job-file pre_checkpoint
-               callback, backend.prepare (app: the program saves its state and quiesces)
+               callback, backend.prepare (app: the program saves its state and quiesces).
+               A backend that ``stages_images`` (app) is handed the unit's spare images
+               dir instead when it is there and empty (take_spare): no directory is made
+               on the way, and the spare moves into place when the manifest is written
 stop           freeze the unit's tree (cgroup freezer, SIGSTOP fallback)
-checkpoint     backend.checkpoint, then manifest.json (sizes, sha256, stage timings) written
+checkpoint     backend.checkpoint (none if prepare wrote the images), then manifest.json
+               (sizes, sha256, stage timings; a spare moved into place and checked first) written
                last in a thread; data: bytes, files.  With ``seal_later`` the manifest waits
                for the seal stage, so the unit can resume as soon as its images are written
 resume_cp      backend.before_thaw, thaw, backend.resume_cp, job-file post_checkpoint callback
@@ -64,6 +68,7 @@ class UnitStageRunner:
         self._done: OrderedDict[tuple, asyncio.Future] = OrderedDict()
         self._ctx: dict[tuple, dict[str, Any]] = {}
         self.spares_wanted: set[str] = set()    # unit dirs whose spare images dir was used
+        self.spares_ready: set[str] = set()     # unit dirs whose spare is there and empty
 
     # -- backends ------------------------------------------------------------------------
     def backend(self, name: str) -> Checkpointer:
@@ -77,17 +82,39 @@ class UnitStageRunner:
         return self.backend(unit.spec.get("checkpointer") or "criu")
 
     def new_images_dir(self, images: Path) -> None:
-        """(thread) ``_fresh_images_dir``, noting that the unit dir wants a new spare (a note
-        lost to a concurrent ``make_spares`` only costs that unit a mkdir next time)."""
-        _fresh_images_dir(images)
-        self.spares_wanted.add(os.path.dirname(images))
+        """(thread) ``_fresh_images_dir``, with the unit's spare if it is known to be empty
+        (``make_spares`` made it), noting that the unit dir wants a new spare (a note lost to
+        a concurrent ``make_spares`` only costs that unit a mkdir next time)."""
+        udir = os.path.dirname(images)
+        ready = udir in self.spares_ready
+        self.spares_ready.discard(udir)
+        _fresh_images_dir(images, ready)
+        self.spares_wanted.add(udir)
+
+    def want_spare(self, unit_dir: str) -> None:
+        """The unit dir gets a spare images dir made (again) at the next ``make_spares``; it is
+        not handed out meanwhile, so that make_spares never empties one that is written into."""
+        self.spares_ready.discard(unit_dir)
+        self.spares_wanted.add(unit_dir)
+
+    def take_spare(self, unit: Any, images: Path) -> str | None:
+        """For a backend that ``stages_images`` (and a unit with no job-file pre_checkpoint
+        command, which is told ``images``): the unit's spare images dir, when it is known to be
+        there and empty, taken for this checkpoint (``prepare`` writes into it; the manifest's
+        thread moves it into place as ``images``, ``_settle_spare``).  None: make ``images``."""
+        udir = os.path.dirname(images)
+        if (udir not in self.spares_ready or not self.backend_for(unit).stages_images
+                or (unit.spec.get("callbacks") or {}).get("pre_checkpoint") is not None):
+            return None
+        self.spares_ready.discard(udir)
+        return os.path.join(udir, SPARE_DIR)
 
     async def make_spares(self) -> None:
         """Replace the spare images dirs used since the last call (in a thread; for when no
         stage waits: the daemon calls it once its stage chains are over)."""
         dirs, self.spares_wanted = list(self.spares_wanted), set()
         if dirs:
-            await asyncio.to_thread(make_spare_dirs, dirs)
+            self.spares_ready.update(await asyncio.to_thread(make_spare_dirs, dirs))
 
     async def ready_next(self, units: list[Any]) -> None:
         """Each unit's backend gets ready ahead for its next checkpoint or restart
@@ -207,12 +234,16 @@ class UnitStageRunner:
         self._require_alive(unit, "prepare")
         ctx = self._context(unit, cid, seq)
         images: Path = ctx["images"]
-        await asyncio.to_thread(self.new_images_dir, images)
+        spare = self.take_spare(unit, images)
+        if spare is None:
+            await asyncio.to_thread(self.new_images_dir, images)
+        else:
+            ctx["spare"] = spare
         unit.checkpoint_id = cid
         cb = await run_callback(unit, "pre_checkpoint", checkpoint=cid, images=images,
                                 timeout=args.get("callback_timeout", self.callback_timeout))
-        await self.backend_for(unit).prepare(unit, images)
-        return {"images": str(images), "seq": ctx["seq"],
+        await self.backend_for(unit).prepare(unit, Path(spare) if spare else images)
+        return {"seq": ctx["seq"],
                 **({"callback_ms": cb["ms"]} if cb else {})}
 
     async def _stop(self, unit, cid, seq, args) -> dict[str, Any]:
@@ -227,13 +258,14 @@ class UnitStageRunner:
         images: Path = ctx["images"]
         backend = self.backend_for(unit)
         t0 = time.monotonic()
-        await backend.checkpoint(unit, images)
+        if "spare" not in ctx:      # (else prepare wrote the images: checked with the manifest)
+            await backend.checkpoint(unit, images)
         backend_ms = round((time.monotonic() - t0) * 1000, 3)
         meta = self.checkpoint_meta(unit, cid, ctx, backend_ms)
         if args.get("seal_later"):
             ctx["unsealed"] = meta
             return self.checkpoint_data(ctx, backend_ms, None, backend.stage_note(unit))
-        manifest = await self._write_manifest(unit, images, meta, args)
+        manifest = await self._write_manifest(unit, ctx, meta, args)
         return self.checkpoint_data(ctx, backend_ms, manifest, backend.stage_note(unit))
 
     def checkpoint_meta(self, unit: Any, cid: str, ctx: dict[str, Any], backend_ms: float) -> dict[str, Any]:
@@ -248,23 +280,55 @@ class UnitStageRunner:
                         note: dict[str, Any] | None = None) -> dict[str, Any]:
         """The checkpoint stage's answer: sealed (``manifest`` written) or to be sealed later;
         ``note``: the backend's own fields (Checkpointer.stage_note)."""
-        data = {"images": str(ctx["images"]), "seq": ctx["seq"], "backend_ms": backend_ms, **(note or {})}
+        data = {"seq": ctx["seq"], "backend_ms": backend_ms, **(note or {})}
         if manifest is None:
             return dict(data, sealed=False)
         return dict(data, bytes=manifest["bytes"], files=len(manifest["files"]))
 
-    @staticmethod
-    def manifest_now(unit: Any, images: Path, meta: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
-        """(thread) Write the unit's manifest; CheckpointError naming the unit on failure.
+    def manifest_now(self, unit: Any, ctx: dict[str, Any], meta: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        """(thread) Write the manifest of the unit's images (``ctx``: its checkpoint context),
+        after moving them into place and having its backend check them if prepare wrote them
+        into its spare (``take_spare``); CheckpointError naming the unit on failure.
         ``defer_sync``: the agent makes a whole batch durable with one syncfs before it answers."""
+        images = ctx["images"]
         try:
+            if "spare" in ctx:
+                self._settle_spare(ctx)
+                self.backend_for(unit).check_written(unit, images)
             return write_manifest(images, meta, not args.get("defer_sync"))
         except StoreError as e:
             raise CheckpointError(f"checkpoint of {unit.name}: manifest: {e}") from None
+        except OSError as e:
+            raise CheckpointError(f"checkpoint of {unit.name}: {e}") from None
+
+    def _settle_spare(self, ctx: dict[str, Any]) -> None:
+        """(thread) Move the spare that prepare wrote into (``take_spare``) into place as the
+        images dir; a partial images dir in the way (an earlier try) is replaced, a committed
+        one refused.  The unit dir then wants a new spare."""
+        spare, path = ctx["spare"], os.fspath(ctx["images"])
+        try:
+            os.rename(spare, path)      # onto nothing, or onto an empty dir
+        except OSError as e:
+            if not os.path.isdir(path) or not os.path.isdir(spare):
+                raise CheckpointError(f"cannot move {spare} to {path}: {e.strerror}") from None
+            if os.path.exists(os.path.join(path, MANIFEST)):
+                raise CheckpointError(f"{path} already holds a committed checkpoint") from None
+            shutil.rmtree(path)
+            os.rename(spare, path)
+        del ctx["spare"]
+        self.spares_wanted.add(os.path.dirname(spare))
+
+    def _drop_spare(self, ctx: dict[str, Any]) -> None:
+        """(thread) An aborted checkpoint's spare, written into by prepare or not, emptied (it
+        is made again for the next one)."""
+        spare = ctx.pop("spare", None)
+        if spare is not None:
+            shutil.rmtree(spare, ignore_errors=True)
+            self.spares_wanted.add(os.path.dirname(spare))
 
     async def _seal(self, unit, cid, seq, args) -> dict[str, Any]:
         ctx, meta = self.unsealed(unit, cid)
-        return self.seal_data(ctx, await self._write_manifest(unit, ctx["images"], meta, args))
+        return self.seal_data(ctx, await self._write_manifest(unit, ctx, meta, args))
 
     def unsealed(self, unit: Any, cid: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """The checkpoint context of a unit's images awaiting their seal, and its manifest's
@@ -281,9 +345,9 @@ class UnitStageRunner:
         """The seal stage's answer."""
         return {"bytes": manifest["bytes"], "files": len(manifest["files"]), "seq": ctx["seq"]}
 
-    @staticmethod
-    async def _write_manifest(unit: Any, images: Path, meta: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
-        return await asyncio.to_thread(UnitStageRunner.manifest_now, unit, images, meta, args)
+    async def _write_manifest(self, unit: Any, ctx: dict[str, Any], meta: dict[str, Any],
+                              args: dict[str, Any]) -> dict[str, Any]:
+        return await asyncio.to_thread(self.manifest_now, unit, ctx, meta, args)
 
     async def _resume_cp(self, unit, cid, seq, args) -> dict[str, Any]:
         ctx = self._context(unit, cid, seq)
@@ -298,6 +362,8 @@ class UnitStageRunner:
     async def _abort(self, unit, cid, seq, args) -> dict[str, Any]:
         key = (unit.job, unit.name, cid)
         ctx = self._ctx.get(key)
+        if ctx is not None and "spare" in ctx:
+            await asyncio.to_thread(self._drop_spare, ctx)
         images = ctx["images"] if ctx else (self.store.images_dir(unit.job, unit.name, seq)
                                             if seq is not None else None)
         errors = []
@@ -436,21 +502,23 @@ def _verify_politely(images: Path, manifest: dict[str, Any], which: Callable[[st
 SPARE_DIR = ".spare-images"   # in a unit's store dir: an empty dir made ahead, renamed into place
 
 
-def _fresh_images_dir(images: Path) -> bool:
+def _fresh_images_dir(images: Path, use_spare: bool = True) -> bool:
     """Create the images dir; clear a partial one; refuse to touch a committed one.
 
     The usual case is one rename: the unit's spare directory (``SPARE_DIR``, made ahead by
-    ``make_spare_dirs`` while nothing waits) becomes the images dir.  A rename allocates no
+    ``make_spare_dirs`` while nothing waits; ``use_spare``: it is known to be empty) becomes
+    the images dir.  A rename allocates no
     inode, where a mkdir does: on this kind of host (ext4 on a VM disk) a mkdir took 10 to
     300 us, and 64 of them competed with the programs writing their own state files.  The
     rename replaces nothing but an empty directory (rename(2)); a non-empty one is handled as
     below.  Without a spare: one mkdir.  True when the spare was used."""
     path = os.fspath(images)      # strings: this runs for every unit of a checkpoint
-    try:
-        os.rename(os.path.join(os.path.dirname(path), SPARE_DIR), path)
-        return True
-    except OSError:
-        pass     # no spare (not made yet, or used), or images is not empty: the general path
+    if use_spare:
+        try:
+            os.rename(os.path.join(os.path.dirname(path), SPARE_DIR), path)
+            return True
+        except OSError:
+            pass     # no spare (not made yet, or used), or images is not empty: the general path
     images = Path(images)
     try:
         os.mkdir(images)
@@ -467,12 +535,23 @@ def _fresh_images_dir(images: Path) -> bool:
     return False
 
 
-def make_spare_dirs(unit_dirs: list[str | Path]) -> None:
-    """(thread) Each unit dir's spare images directory, where it is missing."""
+def make_spare_dirs(unit_dirs: list[str | Path]) -> list[str]:
+    """(thread) Each unit dir's spare images directory, where it is missing; one that holds
+    something (a prepare's writes that an agent stopped before it moved them) is emptied.
+    The unit dirs that have an empty spare now."""
+    ready = []
     for d in unit_dirs:
+        spare = os.path.join(d, SPARE_DIR)
         try:
-            os.mkdir(os.path.join(d, SPARE_DIR))
-        except FileExistsError:
-            pass
+            try:
+                os.mkdir(spare)
+            except FileExistsError:
+                with os.scandir(spare) as entries:
+                    stale = next(entries, None) is not None
+                if stale:
+                    shutil.rmtree(spare)
+                    os.mkdir(spare)
+            ready.append(os.fspath(d))
         except OSError as e:       # the unit dir went away meanwhile (a purge): no spare
             log.debug("no spare images dir in %s: %s", d, e)
+    return ready

@@ -310,8 +310,6 @@ async def test_batch_gives_each_unit_what_run_gives(env, tmp_path):
         for name, r in out.items():
             want = shape(ref)[1]
             got = shape(r)[1]
-            if "images" in want:
-                want = dict(want, images=str(store.images_dir("job1", name, 1)))
             if "bytes" in want:    # each program's own state file
                 assert got["bytes"] > 0 and got["files"] == want["files"]
                 got, want = {k: v for k, v in got.items() if k != "bytes"}, {k: v for k, v in want.items() if k != "bytes"}
@@ -484,3 +482,86 @@ def test_images_dir_is_the_units_spare_renamed_and_never_clobbers(tmp_path):
     assert (udir / "4" / "manifest.json").read_text() == "{}" and spare.is_dir()
     (udir / "5").mkdir()                                 # empty: the spare takes its place
     assert _fresh_images_dir(udir / "5") is True and not spare.exists()
+
+
+async def test_app_state_goes_to_the_spare_and_moves_into_place_with_the_manifest(env):
+    """An app unit with an empty spare images dir writes its state there (no directory made
+    before it is asked), through run() and in a batch alike; the spare becomes the images dir,
+    checked, when the manifest is written, and a new spare is made afterwards.  An aborted
+    checkpoint leaves neither its images dir nor a written spare."""
+    from nodeagent.stages import SPARE_DIR
+    store, runner, start = env
+    units = [await start(n) for n in ("a", "b", "c")]
+    for u in units:
+        runner.want_spare(str(u.unit_dir))
+    await runner.make_spares()
+    spares = {u.name: u.unit_dir / SPARE_DIR for u in units}
+    inodes = {n: p.stat().st_ino for n, p in spares.items()}
+    args = {"seq": 1, "seal_later": True}
+    await runner.run(units[0], "prepare", "ck1", 1, dict(args))
+    await runner.run_batch("prepare", "ck1", [(u, dict(args)) for u in units[1:]])
+    for u in units:
+        assert not store.images_dir("job1", u.name, 1).exists()
+        assert (spares[u.name] / "counter.json").is_file(), list(spares[u.name].iterdir())
+    await runner.run(units[0], "stop", "ck1", 1, dict(args))
+    ck = await runner.run(units[0], "checkpoint", "ck1", 1, dict(args))
+    assert ck["data"]["sealed"] is False and "images" not in ck["data"]
+    for stage in ("stop", "checkpoint"):
+        await runner.run_batch(stage, "ck1", [(u, dict(args)) for u in units[1:]])
+    await runner.run(units[0], "resume_cp", "ck1", 1, dict(args))
+    await runner.run_batch("resume_cp", "ck1", [(u, dict(args)) for u in units[1:]])
+    assert not any(store.images_dir("job1", u.name, 1).exists() for u in units)
+    await runner.run(units[0], "seal", "ck1", 1, dict(args))
+    out = await runner.run_batch("seal", "ck1", [(u, dict(args)) for u in units[1:]])
+    assert all(isinstance(r, dict) for r in out.values()), out
+    for u in units:
+        images = store.images_dir("job1", u.name, 1)
+        assert images.stat().st_ino == inodes[u.name] and not spares[u.name].exists()
+        manifest = json.loads((images / "manifest.json").read_text())
+        assert "counter.json" in manifest["files"]
+    await runner.make_spares()
+    assert all(p.is_dir() and not any(p.iterdir()) for p in spares.values())
+    # aborted after the programs wrote into their spares: nothing of it is left
+    for u in units:
+        await runner.run(u, "prepare", "ck2", 2, dict(args, seq=2))
+        assert any(spares[u.name].iterdir())
+        await runner.run(u, "abort", "ck2", 2, dict(args, seq=2))
+        assert not store.images_dir("job1", u.name, 2).exists()
+        assert not spares[u.name].exists() or not any(spares[u.name].iterdir())
+    await runner.make_spares()
+    out = await runner.run_batch("prepare", "ck3", [(u, {"seq": 3}) for u in units])
+    assert all(isinstance(r, dict) for r in out.values()), out
+    assert all((spares[u.name] / "counter.json").is_file() for u in units)
+    for stage in ("stop", "checkpoint", "resume_cp"):      # sealed at once (a unit under the shim)
+        await runner.run_batch(stage, "ck3", [(u, {"seq": 3}) for u in units])
+    for u in units:
+        assert (store.images_dir("job1", u.name, 3) / "manifest.json").is_file() and not spares[u.name].exists()
+        assert counts(u)[-1] > 0 and u.state == "running"
+
+
+async def test_a_spare_the_program_wrote_nothing_into_is_refused_at_the_seal(env, tmp_path):
+    """The check the checkpoint stage makes of app state (a file written) is made when the spare
+    moves into place: an empty spare fails the seal naming the unit and what is missing."""
+    store, runner, start = env
+    u = await start("a")
+    images = store.images_dir("job1", "a", 5)
+    spare = tmp_path / "spare"
+    spare.mkdir()
+    ctx = {"seq": 5, "images": images, "spare": str(spare), "stages_ms": {}}
+    with pytest.raises(CheckpointError, match="unit a: the program wrote no state"):
+        await asyncio.to_thread(runner.manifest_now, u, ctx, {"seq": 5}, {})
+    assert images.is_dir() and not (images / "manifest.json").exists()
+
+
+def test_a_spare_left_written_never_reaches_an_images_dir(tmp_path):
+    """A spare that holds something (an agent stopped between a program's writes and their
+    move) is emptied when spares are made, and is never renamed into an images dir before."""
+    from nodeagent.stages import SPARE_DIR, make_spare_dirs
+    runner = UnitStageRunner(Store(tmp_path / "store"), node="n1")
+    udir = tmp_path / "units" / "u"
+    (udir / SPARE_DIR).mkdir(parents=True)
+    (udir / SPARE_DIR / "state").write_text("old")
+    runner.new_images_dir(udir / "1")          # not known to be empty: a new dir
+    assert not any((udir / "1").iterdir()) and (udir / SPARE_DIR / "state").exists()
+    assert make_spare_dirs([str(udir)]) == [str(udir)]
+    assert (udir / SPARE_DIR).is_dir() and not any((udir / SPARE_DIR).iterdir())

@@ -601,6 +601,7 @@ class AppCheckpointer(Checkpointer):
 
     quick_checkpoint = True     # checkpoint() only lists a directory: stage_batch runs it in turn
     freezer_untouched = True    # see Checkpointer
+    stages_images = True        # see Checkpointer: CHECKPOINT may name the unit's spare dir
 
     def checkpoint_now(self, unit: UnitProcess, images: Path) -> bool:
         """``checkpoint`` when one scandir settles it (nearly always: a state file at the top):
@@ -618,14 +619,19 @@ class AppCheckpointer(Checkpointer):
 
     async def checkpoint(self, unit: UnitProcess, images: Path) -> None:
         """The state was written at prepare; check it is there."""
-        images = Path(images)
         # one scandir on the loop finds a state file at the top in nearly every case; only a
         # program that wrote nothing but subdirectories costs a walk in a thread
-        if self.checkpoint_now(unit, images):
-            return
-        found = await asyncio.to_thread(
-            lambda: any(p.is_file() and p.name != "manifest.json" for p in images.rglob("*")))
-        if not found:
+        if not self.checkpoint_now(unit, images):
+            await asyncio.to_thread(self._written_deeper, unit, Path(images))
+
+    def check_written(self, unit: UnitProcess, images: Path) -> None:
+        """(thread) ``checkpoint``'s check, for the state the program wrote into the spare."""
+        if not self.checkpoint_now(unit, images):
+            self._written_deeper(unit, Path(images))
+
+    @staticmethod
+    def _written_deeper(unit: UnitProcess, images: Path) -> None:
+        if not any(p.is_file() and p.name != "manifest.json" for p in images.rglob("*")):
             raise CheckpointError(f"unit {unit.name}: the program wrote no state into {images}")
 
     async def before_thaw(self, unit: UnitProcess) -> None:

@@ -9,7 +9,8 @@ Stage calls, for a checkpoint with images directory ``images``::
 
     prepare(unit, images)      unit running; backend gets ready (app: tell the program)
     <agent freezes the tree>   (stop)
-    checkpoint(unit, images)   unit frozen; write every image file into ``images``
+    checkpoint(unit, images)   unit frozen; write every image file into ``images`` (not
+                               called when prepare wrote them: see ``stages_images``)
     before_thaw(unit)          resume_cp, tree still frozen (app: RESUME, read once thawed)
     resume_cp(unit)            after the agent thawed the tree
     abort(unit, images)        instead of the rest, after any failure; unit must run on
@@ -94,6 +95,12 @@ class Checkpointer(abc.ABC):
     #: ``--freeze-cgroup`` writes the state it found back): several such units of one job may
     #: then be frozen and thawed through their job's cgroup, one write for all of them.
     freezer_untouched: ClassVar[bool] = False
+    #: ``prepare`` writes all the images (app: the program saves its state when asked), and
+    #: may write them into the unit's spare images dir, made empty ahead, which the agent moves
+    #: into place when it writes the manifest: a checkpoint then makes no directory before its
+    #: programs are asked.  ``checkpoint`` is not called for such images; ``check_written``
+    #: is, before the manifest is written.
+    stages_images: ClassVar[bool] = False
 
     @abc.abstractmethod
     def plan_launch(self, unit: UnitProcess, argv: list[str]) -> LaunchPlan:
@@ -105,6 +112,10 @@ class Checkpointer(abc.ABC):
     @abc.abstractmethod
     async def checkpoint(self, unit: UnitProcess, images: Path) -> None:
         """Write the frozen unit's images into ``images``."""
+
+    def check_written(self, unit: UnitProcess, images: Path) -> None:
+        """(thread; ``stages_images`` only) Raise CheckpointError unless ``images``, written by
+        prepare, holds what a restart needs."""
 
     async def before_thaw(self, unit: UnitProcess) -> None:
         """resume_cp, while the tree is still frozen: what can be sent to it now is read when
