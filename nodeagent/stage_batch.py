@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from nodeagent.callbacks import run_callback
@@ -219,7 +218,7 @@ async def _prepare(runner: "UnitStageRunner", cid: str, items: list[_Item]) -> N
     staged: list[_Item] = []
     to_make: list[_Item] = []
     for it in live:
-        spare = runner.take_spare(it.unit, it.ctx["images"])
+        spare = runner.take_spare(it.unit, it.ctx["images"], it.backend)
         if spare is None:
             to_make.append(it)
         else:
@@ -239,8 +238,7 @@ async def _prepare(runner: "UnitStageRunner", cid: str, items: list[_Item]) -> N
     async def ask(chunk: list[_Item]) -> None:
         cb_ms = await _callbacks(runner, chunk, "pre_checkpoint", cid)
         chunk = [it for it in chunk if it.live]
-        await _backend_calls(runner, chunk, "prepare",
-                             lambda it: (it.unit, Path(it.ctx["spare"]) if "spare" in it.ctx else it.ctx["images"]))
+        await _backend_calls(runner, chunk, "prepare", lambda it: (it.unit, it.ctx.get("spare") or it.ctx["images"]))
         for it in chunk:
             extra = {"callback_ms": cb_ms[id(it)]} if id(it) in cb_ms else {}
             it.finish({"seq": it.ctx["seq"], **extra})

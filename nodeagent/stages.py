@@ -69,6 +69,7 @@ class UnitStageRunner:
         self._ctx: dict[tuple, dict[str, Any]] = {}
         self.spares_wanted: set[str] = set()    # unit dirs whose spare images dir was used
         self.spares_ready: set[str] = set()     # unit dirs whose spare is there and empty
+        self._spare_paths: dict[str, Path] = {}
 
     # -- backends ------------------------------------------------------------------------
     def backend(self, name: str) -> Checkpointer:
@@ -97,17 +98,23 @@ class UnitStageRunner:
         self.spares_ready.discard(unit_dir)
         self.spares_wanted.add(unit_dir)
 
-    def take_spare(self, unit: Any, images: Path) -> str | None:
+    def take_spare(self, unit: Any, images: Path, backend: Checkpointer | None = None) -> Path | None:
         """For a backend that ``stages_images`` (and a unit with no job-file pre_checkpoint
         command, which is told ``images``): the unit's spare images dir, when it is known to be
         there and empty, taken for this checkpoint (``prepare`` writes into it; the manifest's
-        thread moves it into place as ``images``, ``_settle_spare``).  None: make ``images``."""
+        thread moves it into place as ``images``, ``_settle_spare``).  None: make ``images``.
+        ``backend``: the unit's, when the caller has it at hand."""
         udir = os.path.dirname(images)
-        if (udir not in self.spares_ready or not self.backend_for(unit).stages_images
+        if (udir not in self.spares_ready or not (backend or self.backend_for(unit)).stages_images
                 or (unit.spec.get("callbacks") or {}).get("pre_checkpoint") is not None):
             return None
         self.spares_ready.discard(udir)
-        return os.path.join(udir, SPARE_DIR)
+        spare = self._spare_paths.get(udir)
+        if spare is None:      # (a Path made once per unit: the parse of a long path is slow)
+            if len(self._spare_paths) > 65536:
+                self._spare_paths.clear()
+            spare = self._spare_paths[udir] = Path(udir, SPARE_DIR)
+        return spare
 
     async def make_spares(self) -> None:
         """Replace the spare images dirs used since the last call (in a thread; for when no
@@ -242,7 +249,7 @@ class UnitStageRunner:
         unit.checkpoint_id = cid
         cb = await run_callback(unit, "pre_checkpoint", checkpoint=cid, images=images,
                                 timeout=args.get("callback_timeout", self.callback_timeout))
-        await self.backend_for(unit).prepare(unit, Path(spare) if spare else images)
+        await self.backend_for(unit).prepare(unit, spare or images)
         return {"seq": ctx["seq"],
                 **({"callback_ms": cb["ms"]} if cb else {})}
 
