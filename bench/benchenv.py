@@ -14,9 +14,17 @@ def bench_broker(url: str | None = None) -> str:
     url = url or os.environ.get("GRIDCKPT_BENCH_BROKER")
     if url:
         return url
-    have = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True, timeout=60)
-    if BENCH_VHOST not in have.stdout.split():
-        subprocess.run(["rabbitmqctl", "-q", "add_vhost", BENCH_VHOST], check=True, capture_output=True, timeout=60)
-        subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", BENCH_VHOST, "guest", ".*", ".*", ".*"],
-                       check=True, capture_output=True, timeout=60)
+    try:
+        have = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True, timeout=60)
+        if have.returncode:
+            raise OSError(have.stderr.strip().splitlines()[0] if have.stderr.strip() else f"exit {have.returncode}")
+        if BENCH_VHOST not in have.stdout.split():
+            for cmd in (["add_vhost", BENCH_VHOST], ["set_permissions", "-p", BENCH_VHOST, "guest", ".*", ".*", ".*"]):
+                done = subprocess.run(["rabbitmqctl", "-q", *cmd], capture_output=True, text=True, timeout=60)
+                if done.returncode:
+                    raise OSError(done.stderr.strip() or f"rabbitmqctl {cmd[0]}: exit {done.returncode}")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SystemExit(f"benchmark: no local RabbitMQ broker to use ({exc}); start it (deploy/setup.sh, or "
+                         "rabbitmq-server -detached; rabbitmqctl await_startup) or pass --broker / "
+                         "$GRIDCKPT_BENCH_BROKER") from None
     return f"amqp://guest:guest@localhost/{BENCH_VHOST}"

@@ -388,6 +388,18 @@ async def test_the_scaling_benchmarks_bare_round_asks_real_programs(tmp_path):
     assert len(states) == 4 and all(s.isdigit() for s in states)     # one state file per program
 
 
+def test_the_benchmarks_say_in_one_line_when_there_is_no_broker(tmp_path):
+    """A benchmark run with no RabbitMQ to reach (here: no rabbitmqctl at all) ends with a
+    one-line reason and what to do, not a traceback."""
+    code = "import sys; sys.path.insert(0, 'bench'); from benchenv import bench_broker; bench_broker()"
+    env = {k: v for k, v in os.environ.items() if k != "GRIDCKPT_BENCH_BROKER"}
+    env["PATH"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().startswith("benchmark: no local RabbitMQ broker to use") and "--broker" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
 async def test_bad_connections_are_closed_and_the_program_still_checkpoints(env, tmp_path, monkeypatch):
     """Whatever else connects to a unit's socket: no HELLO in time, something else than
     HELLO, a line over 64 KiB, or a HELLO in pieces then BYE.  Each is closed (the bad ones
