@@ -406,6 +406,9 @@ class UnitStageRunner:
         """
         ctx = self._context(unit, cid, seq)
         images: Path = ctx["images"]
+        # the unit's spare is made again before it is handed out: another agent may have had the
+        # unit meanwhile (a restart elsewhere, then back here) and taken it
+        self.want_spare(os.fspath(unit.unit_dir))
         wanted = unit.spec.get("checkpointer") or "criu"
         live = unit.root_pid is not None and bool(unit.pids())
         later = None if args.get("verified") or live else getattr(self.backend(wanted), "hashed_while_restoring", None)

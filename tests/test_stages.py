@@ -565,3 +565,27 @@ def test_a_spare_left_written_never_reaches_an_images_dir(tmp_path):
     assert not any((udir / "1").iterdir()) and (udir / SPARE_DIR / "state").exists()
     assert make_spare_dirs([str(udir)]) == [str(udir)]
     assert (udir / SPARE_DIR).is_dir() and not any((udir / SPARE_DIR).iterdir())
+
+
+async def test_a_rebuilt_unit_gets_its_spare_made_again(env):
+    """A spare this agent made and another took meanwhile (the unit restarted on another node,
+    then back here): a rebuild has it made again before the next checkpoint hands it out."""
+    from nodeagent.stages import SPARE_DIR
+    store, runner, start = env
+    u = await start("a")
+    runner.want_spare(str(u.unit_dir))
+    await runner.make_spares()
+    for stage in ("prepare", "stop", "checkpoint", "resume_cp"):
+        await runner.run(u, stage, "ck1", 1)
+    await runner.make_spares()
+    assert str(u.unit_dir) in runner.spares_ready
+    (u.unit_dir / SPARE_DIR).rmdir()            # taken by the agent that had the unit meanwhile
+    await runner.run(u, "rebuild", "rs1", 1)
+    await runner.run(u, "resume_rst", "rs1", 1)
+    assert str(u.unit_dir) not in runner.spares_ready
+    await runner.make_spares()
+    assert str(u.unit_dir) in runner.spares_ready and (u.unit_dir / SPARE_DIR).is_dir()
+    await wait_for(lambda: len(counts(u)) >= 2)
+    for stage in ("prepare", "stop", "checkpoint", "resume_cp"):
+        await runner.run(u, stage, "ck2", 2)
+    assert (store.images_dir("job1", "a", 2) / "manifest.json").is_file()
