@@ -318,9 +318,7 @@ class UnitStageRunner:
         except OSError as e:
             if not os.path.isdir(path) or not os.path.isdir(spare):
                 raise CheckpointError(f"cannot move {spare} to {path}: {e.strerror}") from None
-            if os.path.exists(os.path.join(path, MANIFEST)):
-                raise CheckpointError(f"{path} already holds a committed checkpoint") from None
-            shutil.rmtree(path)
+            _clear_partial(path)
             os.rename(spare, path)
         del ctx["spare"]
         self.spares_wanted.add(os.path.dirname(spare))
@@ -538,11 +536,17 @@ def _fresh_images_dir(images: Path, use_spare: bool = True) -> bool:
         return False
     except FileExistsError:
         pass
-    if (images / MANIFEST).exists():
-        raise CheckpointError(f"{images} already holds a committed checkpoint")
-    shutil.rmtree(images)
+    _clear_partial(images)
     images.mkdir(parents=True)
     return False
+
+
+def _clear_partial(images: str | Path) -> None:
+    """(thread) Remove an images dir left partial by an earlier try; CheckpointError, and
+    nothing touched, when it holds a committed checkpoint (its manifest)."""
+    if os.path.exists(os.path.join(images, MANIFEST)):
+        raise CheckpointError(f"{images} already holds a committed checkpoint")
+    shutil.rmtree(images)
 
 
 def make_spare_dirs(unit_dirs: list[str | Path]) -> list[str]:

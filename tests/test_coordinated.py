@@ -111,6 +111,13 @@ def test_checkpoint_kill_restart_same_and_other_node(cluster: Cluster, tmp_path:
     for u in "abc":  # every unit continued from its checkpointed state, not from scratch
         n = _wait_step(cluster, job, u, at_ckpt[u])
         assert n > at_ckpt[u] > 3
+    # the app unit wrote its state into its spare images dir (made ahead), which became the
+    # checkpoint's own dir with the manifest: the restart reads it there
+    c_dir = cluster.store / "jobs" / job / "units" / "c"
+    out_c = (c_dir / "stdout").read_text()
+    seq_c = next(u["seq"] for u in ck["units"] if u["name"] == "c")
+    assert f"into {c_dir / '.spare-images'}\n" in out_c, out_c[-2000:]
+    assert re.search(rf"^restored count \d+ from {re.escape(str(c_dir / str(seq_c)))}$", out_c, re.M), out_c[-2000:]
     out_a = (cluster.store / "jobs" / job / "units" / "a" / "stdout").read_text().splitlines()
     steps = [int(m) for m in re.findall(r"step=(\d+)", "\n".join(out_a))]
     assert steps == list(range(1, len(steps) + 1)), "a's output file rolled back to the checkpoint and went on"

@@ -589,3 +589,25 @@ async def test_a_rebuilt_unit_gets_its_spare_made_again(env):
     for stage in ("prepare", "stop", "checkpoint", "resume_cp"):
         await runner.run(u, stage, "ck2", 2)
     assert (store.images_dir("job1", "a", 2) / "manifest.json").is_file()
+
+
+def test_a_spare_replaces_a_partial_images_dir_never_a_committed_one(tmp_path):
+    """The spare moves onto a partial images dir left by an earlier try (replaced), and refuses
+    one that holds a committed checkpoint (both left as they were)."""
+    from nodeagent.stages import SPARE_DIR
+    runner = UnitStageRunner(Store(tmp_path / "store"), node="n1")
+    udir = tmp_path / "u"
+    for seq, committed in ((1, False), (2, True)):
+        (udir / SPARE_DIR).mkdir(parents=True)
+        (udir / SPARE_DIR / "state").write_text("new")
+        (udir / str(seq)).mkdir()
+        (udir / str(seq) / ("manifest.json" if committed else "old")).write_text("{}")
+        ctx = {"images": udir / str(seq), "spare": udir / SPARE_DIR}
+        if committed:
+            with pytest.raises(CheckpointError, match="already holds a committed checkpoint"):
+                runner._settle_spare(ctx)
+            assert (udir / "2" / "manifest.json").exists() and (udir / SPARE_DIR / "state").exists()
+        else:
+            runner._settle_spare(ctx)
+            assert sorted(p.name for p in (udir / "1").iterdir()) == ["state"] and not (udir / SPARE_DIR).exists()
+            assert "spare" not in ctx and str(udir) in runner.spares_wanted
