@@ -400,6 +400,36 @@ def test_the_benchmarks_say_in_one_line_when_there_is_no_broker(tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+async def test_resume_acknowledgements_wait_for_the_gate_and_never_delay_a_request(env, tmp_path, monkeypatch):
+    """Under a stage chain the programs' OKs to RESUME are read once the unit's background gate
+    opens (the chain's answer is out), not in front of that answer; a request meanwhile is
+    not held up by it (the hold would last 30 s here, the request's deadline is 5 s)."""
+    import nodeagent.checkpointers.app_sockets as app_sockets
+    monkeypatch.setattr(app_sockets, "HOLD_MAX", 30.0)
+    store, backend, runner, start = env
+    prog = tmp_path / "nohooks.py"
+    prog.write_text(RAW.replace('1\\n")', '1 -\\n")'))      # no optional requests wanted
+    u = await start("g", [PY, str(prog)])
+    gate = asyncio.get_running_loop().create_future()
+    u.background_gate = lambda: gate
+    out = u.unit_dir / "stdout"
+    await checkpoint(runner, u, "ck1", 1)
+    conn = backend._sessions[("job1", "g")].live()[0]
+    assert conn.hooks == set()
+    await wait_for(lambda: "got RESUME ck1" in out.read_text())
+    await asyncio.sleep(0.1)
+    assert conn.skip == 1            # the program answered OK; it waits in the socket
+    t0 = time.monotonic()
+    await checkpoint(runner, u, "ck2", 2)    # reads the owed OK first, at once
+    assert time.monotonic() - t0 < 4.0
+    await wait_for(lambda: "got RESUME ck2" in out.read_text())
+    await asyncio.sleep(0.1)
+    assert conn.skip == 1            # ck2's OK: owed again, held again
+    gate.set_result(None)
+    await wait_for(lambda: conn.skip == 0)
+    assert json.loads((store.images_dir("job1", "g", 2) / "state.json").read_text()) == {"n": 41}
+
+
 async def test_bad_connections_are_closed_and_the_program_still_checkpoints(env, tmp_path, monkeypatch):
     """Whatever else connects to a unit's socket: no HELLO in time, something else than
     HELLO, a line over 64 KiB, or a HELLO in pieces then BYE.  Each is closed (the bad ones

@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from nodeagent.checkpointers.app_sockets import Listener, SocketLink, sockets_for
 from nodeagent.checkpointers.base import (Capabilities, CheckpointError, Checkpointer,
                                           LaunchPlan, RestoreRefused, UnitProcess)
 
@@ -106,11 +107,12 @@ HELLO_TIMEOUT = 10.0     # seconds a new connection has to say HELLO
 class _Conn(asyncio.Protocol):
     """One program connection.  Lines are parsed as the bytes come (``data_received``) and an
     answer goes straight to the pending request: no reader task per connection, no stream
-    buffer to wake (64 units answer twice per checkpoint)."""
+    buffer to wake (64 units answer twice per checkpoint).  Its transport is a ``SocketLink``
+    of the loop's ``AppSockets`` (app_sockets.py: every answer ready is read in one wakeup)."""
 
     def __init__(self, session: "_Session") -> None:
         self.session = session
-        self.transport: asyncio.Transport | None = None
+        self.transport: SocketLink | None = None
         self.pid = 0
         self.hooks: set[str] | None = None   # optional requests it handles; None: unknown, send them all
         self.hello = False
@@ -218,9 +220,15 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
     # -- requests --------------------------------------------------------------------------
+    def read_now(self) -> None:
+        """An answer is awaited: the loop's app sockets are read, held or not (app_sockets)."""
+        if self.transport is not None:
+            self.transport.read_now()
+
     async def _in_step(self, line: str, timeout: float) -> None:
         """One request on the wire at a time, as the protocol promises: first the answers
         still owed (to a RESUME, or late ones) must have come."""
+        self.read_now()
         if self.skip:
             try:
                 await asyncio.wait_for(self.settled.wait(), timeout)
@@ -309,6 +317,7 @@ async def request_many(reqs: list[tuple[_Conn, str]], timeout: float) -> list[st
         futs.append(fut)
         direct.append(True)
         conn.send_line(line)
+        conn.read_now()
     timer = loop.call_later(timeout, lambda: [_expire(f) for f, d in zip(futs, direct) if d])
     try:
         if futs:
@@ -354,14 +363,14 @@ class _Session:
 
     path: str
     sock: socket.socket
-    server: asyncio.base_events.Server | None = None
+    server: Listener | None = None
     conns: list[_Conn] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: set = field(default_factory=set)
 
     async def start(self) -> None:
         if self.server is None:
-            self.server = await asyncio.get_running_loop().create_unix_server(lambda: _Conn(self), sock=self.sock)
+            self.server = sockets_for(asyncio.get_running_loop()).listen(self.sock, lambda: _Conn(self))
 
     def joined(self, conn: _Conn) -> None:
         """``conn`` said HELLO."""
@@ -382,6 +391,7 @@ class _Session:
                 return live
         await self.start()
         loop = asyncio.get_running_loop()
+        sockets_for(loop).read_now()     # a HELLO may be waiting in a held socket
         deadline = loop.time() + timeout
         while not self.live():
             self.changed.clear()
@@ -641,7 +651,9 @@ class AppCheckpointer(Checkpointer):
 
         RESUME is sent without waiting for its OK (the program's acknowledgement carries no
         verdict: leaving quiescence cannot fail), as a thaw does not wait for the tree to be
-        scheduled; the OK is read and dropped when it comes, and the next request waits for it."""
+        scheduled; the OK is read and dropped when it comes, and the next request waits for it.
+        Under a stage chain it comes after the chain's answer is out: the loop's app sockets
+        are held until the unit's ``background_gate`` opens (app_sockets.hold_reading)."""
         s = self._session(unit)
         cid = str(getattr(unit, "checkpoint_id", "") or "-")
         for conn in await s.wait_connected(self.timeout, unit.name):
@@ -649,6 +661,11 @@ class AppCheckpointer(Checkpointer):
                 conn.notify_sync(f"RESUME {cid}")
             else:
                 await conn.notify(f"RESUME {cid}", self.timeout)
+        # the OKs are read once the stage chain's answer is out (app_sockets.hold_reading)
+        gate_of = getattr(unit, "background_gate", None)
+        gate = gate_of() if gate_of is not None else None
+        if gate is not None:
+            sockets_for(asyncio.get_running_loop()).hold_reading(gate)
 
     async def resume_cp(self, unit: UnitProcess) -> None:
         """The post-checkpoint hook (RESUME went out in ``before_thaw``)."""
