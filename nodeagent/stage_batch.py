@@ -19,7 +19,8 @@ checkpoint     backends flagged ``quick_checkpoint`` (app: a directory listing; 
                the images went to the spare) one after the other, the others (CRIU) side
                by side; manifests, when not sealed later, written in one thread trip
 resume_cp      before_thaw and thaw unit by unit (neither waits; units frozen together: every
-               before_thaw, then one thaw), backend ``resume_cp_many``
+               before_thaw, ``before_thaw_many`` if the backend has it, then one thaw),
+               backend ``resume_cp_many``
                or ``resume_cp`` side by side, job-file callbacks side by side
 seal           every manifest hashed and written in one thread trip (the daemon then makes
                them durable with one syncfs)
@@ -398,13 +399,15 @@ async def _seal(runner: "UnitStageRunner", cid: str, items: list[_Item]) -> None
 async def _resume_cp(runner: "UnitStageRunner", cid: str, items: list[_Item]) -> None:
     live = _enter(runner, cid, items, "resume_cp", alive_first=False)
     freezers = _freezers_together(runner, live)
-    for it in live:     # neither waits for the program: one after the other
-        try:
-            await it.backend.before_thaw(it.unit)
-            if freezers is None:
+    if freezers is not None:    # (app: every RESUME in one pass, before_thaw_many)
+        await _backend_calls(runner, live, "before_thaw", lambda it: (it.unit,))
+    else:
+        for it in live:     # neither waits for the program: one after the other
+            try:
+                await it.backend.before_thaw(it.unit)
                 await it.unit.thaw()
-        except CheckpointError as exc:
-            it.fail(exc)
+            except CheckpointError as exc:
+                it.fail(exc)
     live = [it for it in live if it.live]
     if freezers is not None:     # every program's RESUME is out: one thaw for all
         together = len(live) == len(freezers) and await thaw_together(freezers)

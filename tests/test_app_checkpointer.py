@@ -430,6 +430,25 @@ async def test_resume_acknowledgements_wait_for_the_gate_and_never_delay_a_reque
     assert json.loads((store.images_dir("job1", "g", 2) / "state.json").read_text()) == {"n": 41}
 
 
+async def test_before_thaw_many_tells_every_program_and_fails_only_the_unknown_unit(env, tmp_path):
+    """RESUME to many units in one pass (stage_batch, units thawed together); a unit this
+    backend never launched fails alone, the others are told."""
+    store, backend, runner, start = env
+    prog = tmp_path / "raw.py"
+    prog.write_text(RAW)
+    a, b = await start("a", [PY, str(prog)]), await start("b", [PY, str(prog)])
+    await wait_for(lambda: len(backend.connected_pids(a)) == len(backend.connected_pids(b)) == 1)
+
+    class Stranger:
+        job, name = "job1", "x"
+    a.checkpoint_id = b.checkpoint_id = "ck5"
+    out = await backend.before_thaw_many([(a,), (Stranger(),), (b,)])
+    assert out[0] is None and out[2] is None
+    assert isinstance(out[1], CheckpointError) and "not launched by the app checkpointer" in str(out[1])
+    for u in (a, b):
+        await wait_for(lambda: "got RESUME ck5" in (u.unit_dir / "stdout").read_text())
+
+
 async def test_bad_connections_are_closed_and_the_program_still_checkpoints(env, tmp_path, monkeypatch):
     """Whatever else connects to a unit's socket: no HELLO in time, something else than
     HELLO, a line over 64 KiB, or a HELLO in pieces then BYE.  Each is closed (the bad ones

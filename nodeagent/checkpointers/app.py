@@ -667,6 +667,34 @@ class AppCheckpointer(Checkpointer):
         if gate is not None:
             sockets_for(asyncio.get_running_loop()).hold_reading(gate)
 
+    async def before_thaw_many(self, items: list[tuple[UnitProcess]]) -> list[BaseException | None]:
+        """``before_thaw`` for many units (stage_batch, units thawed together): RESUME goes to
+        every program that can take it at once in one pass; the others (a request still owed an
+        answer, a program not connected) take ``before_thaw``, side by side."""
+        out: list[BaseException | None] = [None] * len(items)
+        slow: list[int] = []
+        gate: asyncio.Future | None = None
+        sessions = self._sessions
+        for i, (unit,) in enumerate(items):
+            s = sessions.get((unit.job, unit.name))
+            conns = s.live() if s is not None and s.server is not None else []
+            if not conns or not all(c.notify_now() for c in conns):
+                slow.append(i)
+                continue
+            line = f"RESUME {getattr(unit, 'checkpoint_id', '') or '-'}"
+            for conn in conns:
+                conn.notify_sync(line)
+            if gate is None:
+                gate_of = getattr(unit, "background_gate", None)
+                gate = gate_of() if gate_of is not None else None
+        if gate is not None:
+            sockets_for(asyncio.get_running_loop()).hold_reading(gate)
+        if slow:
+            done = await asyncio.gather(*(self.before_thaw(items[i][0]) for i in slow), return_exceptions=True)
+            for i, res in zip(slow, done):
+                out[i] = res if isinstance(res, BaseException) else None
+        return out
+
     async def resume_cp(self, unit: UnitProcess) -> None:
         """The post-checkpoint hook (RESUME went out in ``before_thaw``)."""
         s = self._session(unit)
