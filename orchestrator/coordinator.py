@@ -258,10 +258,13 @@ class Coordinator:
                     lambda: [n for n, s in seqs.items() if not (store.images_dir(job.id, n, s) / "manifest.json").exists()])
                 if missing:
                     raise StageFailed(f"no manifest in the store for unit(s) {', '.join(missing)}")
-                await asyncio.to_thread(store.commit_checkpoint, job.id, ckpt_id, seqs,
-                                        {"stages_ms": stages_ms, "units_ms": {n: per_unit[n]["stages_ms"] for n in seqs},
-                                         "bytes": sum(pu.get("bytes", 0) for pu in per_unit.values()),
-                                         "total_ms": total_ms or _ms(t_all)})
+                meta = {"stages_ms": stages_ms, "units_ms": {n: per_unit[n]["stages_ms"] for n in seqs},
+                        "bytes": sum(pu.get("bytes", 0) for pu in per_unit.values()), "total_ms": total_ms or _ms(t_all)}
+
+                def commit() -> None:   # and the next checkpoint's seqs checked: off its path
+                    store.commit_checkpoint(job.id, ckpt_id, seqs, meta)
+                    store.check_next_seqs(job.id, list(seqs))
+                await asyncio.to_thread(commit)
             except StageFailed as exc:
                 event(log, "checkpoint aborted", logging.WARNING, job=job.id, checkpoint=ckpt_id, reason=str(exc))
                 try:

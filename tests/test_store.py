@@ -548,6 +548,30 @@ def test_committed_checkpoint_by_exact_id_is_what_the_listing_says(store: Store)
         assert store.committed_checkpoint("j", missing) is None, missing
 
 
+def test_checked_next_seqs_go_out_once_with_no_stat_and_only_while_no_higher_seq_is_known(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_next_seqs (after a commit) lets the next checkpoint's next_seqs hand the seqs out
+    without a stat; once only, and not after this Store began a checkpoint with a higher seq."""
+    orch, agent = Store(tmp_path / "s"), Store(tmp_path / "s")
+    seqs = {u: committed_unit(orch, "j", u) for u in ("a", "b")}
+    orch.begin_checkpoint("j", "c1", seqs)
+    orch.commit_checkpoint("j", "c1", seqs)
+    orch.check_next_seqs("j", ["a", "b"])
+    with monkeypatch.context() as m:
+        def no_io(*a: object, **k: object) -> None:
+            raise AssertionError("a checked seq needs no stat")
+        m.setattr(store_mod.os.path, "lexists", no_io)
+        m.setattr(store_mod.os, "stat", no_io)
+        assert orch.next_seqs("j", ["a", "b"]) == {u: s + 1 for u, s in seqs.items()}
+    # handed out once: the next call checks again and sees what another Store made meanwhile
+    make_images(agent.images_dir("j", "a", seqs["a"] + 1), {"x": b"1"})
+    assert orch.next_seqs("j", ["a", "b"]) == {"a": seqs["a"] + 2, "b": seqs["b"] + 1}
+    # checked, then a checkpoint begun with that seq: the check no longer stands
+    orch.check_next_seqs("j", ["b"])
+    orch.begin_checkpoint("j", "c2", {"b": seqs["b"] + 1})
+    assert orch.next_seqs("j", ["b"]) == {"b": seqs["b"] + 2}
+
+
 def test_seq_hints_never_hand_out_a_used_seq(tmp_path: Path) -> None:
     """The orchestrator's Store remembers the highest seq it knows used, to check the next one
     with a stat instead of a listing.  Seqs used or deleted through another Store on the same
