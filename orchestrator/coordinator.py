@@ -22,7 +22,7 @@ from .bus.base import BusError
 from .control import ControlError
 from .jobs import TERMINAL_UNIT_STATES, JobState, PlacementError, UnitState, place_units
 from .logs import event
-from .store import CorruptCheckpoint, verify_manifest
+from .store import CorruptCheckpoint, StoreError, verify_manifest
 
 if TYPE_CHECKING:
     from .daemon import Orchestrator
@@ -254,17 +254,19 @@ class Coordinator:
                 await run_stages(["prepare", "stop", "checkpoint"] + (["resume_cp"] if seal_later else []))
                 if seal_later:
                     await run_stages([protocol.SEAL_STAGE])
-                missing = await asyncio.to_thread(
-                    lambda: [n for n, s in seqs.items() if not (store.images_dir(job.id, n, s) / "manifest.json").exists()])
-                if missing:
-                    raise StageFailed(f"no manifest in the store for unit(s) {', '.join(missing)}")
                 meta = {"stages_ms": stages_ms, "units_ms": {n: per_unit[n]["stages_ms"] for n in seqs},
                         "bytes": sum(pu.get("bytes", 0) for pu in per_unit.values()), "total_ms": total_ms or _ms(t_all)}
 
-                def commit() -> None:   # and the next checkpoint's seqs checked: off its path
-                    store.commit_checkpoint(job.id, ckpt_id, seqs, meta)
+                def commit() -> str:   # the next checkpoint's seqs checked too: off its path
+                    try:    # (refused unless every unit's manifest is in the store)
+                        store.commit_checkpoint(job.id, ckpt_id, seqs, meta)
+                    except StoreError as exc:
+                        return str(exc)
                     store.check_next_seqs(job.id, list(seqs))
-                await asyncio.to_thread(commit)
+                    return ""
+                refused = await asyncio.to_thread(commit)
+                if refused:
+                    raise StageFailed(refused)
             except StageFailed as exc:
                 event(log, "checkpoint aborted", logging.WARNING, job=job.id, checkpoint=ckpt_id, reason=str(exc))
                 try:

@@ -331,6 +331,33 @@ async def test_a_failing_stage_ends_the_chain_and_the_checkpoint_aborts(tmp_path
             assert unit.state == "running" and not unit.ended
 
 
+async def test_a_manifest_missing_at_commit_aborts_and_the_next_checkpoint_commits(tmp_path: Path) -> None:
+    """A unit's manifest gone when the orchestrator commits (a store not really shared): the
+    commit is refused naming the file, the checkpoint aborts (nothing listed, no images left,
+    every unit runs on), and the next checkpoint takes fresh seqs and commits."""
+    async with Cell(tmp_path) as cell:
+        job = await cell.submit(["n1", "n1"])
+        commit = cell.store.commit_checkpoint
+
+        def lose_one(job_id: str, ckpt_id: str, seqs: dict[str, int], meta: Any = None) -> Any:
+            (cell.store.images_dir(job_id, "u1", seqs["u1"]) / "manifest.json").unlink()
+            return commit(job_id, ckpt_id, seqs, meta)
+        cell.store.commit_checkpoint = lose_one  # type: ignore[method-assign]
+        with pytest.raises(ControlError, match=r"aborted: .*u1/1/manifest.json: missing"):
+            await cell.orch.control("checkpoint", {"job": job})
+        assert await asyncio.to_thread(cell.store.list_checkpoints, job) == []
+        assert _images_left(cell, job) == []
+        assert all(u.state == "running" and not u.ended for u in cell.agents["n1"].units.values())
+        cell.store.commit_checkpoint = commit  # type: ignore[method-assign]
+        ck = await cell.orch.control("checkpoint", {"job": job})
+        assert {u["name"]: u["seq"] for u in ck["units"]} == {"u0": 2, "u1": 2}
+        assert [c["id"] for c in await asyncio.to_thread(cell.store.list_checkpoints, job)] == [ck["checkpoint"]]
+
+
+def _images_left(cell: "Cell", job: str) -> list[Path]:
+    return [p for name in ("u0", "u1") for p in cell.store.unit_dir(job, name).glob("[0-9]*")]
+
+
 async def test_an_abort_stops_the_agents_chain(tmp_path: Path) -> None:
     """The orchestrator gives up on a chain (here: its stage timeout passes while a slow
     pre_checkpoint callback runs, which the agent, allowing twice as long, lets finish) and

@@ -655,13 +655,22 @@ class AppCheckpointer(Checkpointer):
         Under a stage chain it comes after the chain's answer is out: the loop's app sockets
         are held until the unit's ``background_gate`` opens (app_sockets.hold_reading)."""
         s = self._session(unit)
-        cid = str(getattr(unit, "checkpoint_id", "") or "-")
+        line = self._resume_line(unit)
         for conn in await s.wait_connected(self.timeout, unit.name):
             if conn.notify_now():      # the usual case: no lock to take, nothing owed
-                conn.notify_sync(f"RESUME {cid}")
+                conn.notify_sync(line)
             else:
-                await conn.notify(f"RESUME {cid}", self.timeout)
-        # the OKs are read once the stage chain's answer is out (app_sockets.hold_reading)
+                await conn.notify(line, self.timeout)
+        self._hold_answers(unit)
+
+    @staticmethod
+    def _resume_line(unit: UnitProcess) -> str:
+        return f"RESUME {getattr(unit, 'checkpoint_id', '') or '-'}"
+
+    @staticmethod
+    def _hold_answers(unit: UnitProcess) -> None:
+        """The programs' OKs are read once the stage chain's answer is out: the loop's app
+        sockets are held until the unit's ``background_gate`` opens (app_sockets.hold_reading)."""
         gate_of = getattr(unit, "background_gate", None)
         gate = gate_of() if gate_of is not None else None
         if gate is not None:
@@ -673,7 +682,7 @@ class AppCheckpointer(Checkpointer):
         answer, a program not connected) take ``before_thaw``, side by side."""
         out: list[BaseException | None] = [None] * len(items)
         slow: list[int] = []
-        gate: asyncio.Future | None = None
+        told: UnitProcess | None = None
         sessions = self._sessions
         for i, (unit,) in enumerate(items):
             s = sessions.get((unit.job, unit.name))
@@ -681,14 +690,12 @@ class AppCheckpointer(Checkpointer):
             if not conns or not all(c.notify_now() for c in conns):
                 slow.append(i)
                 continue
-            line = f"RESUME {getattr(unit, 'checkpoint_id', '') or '-'}"
+            line = self._resume_line(unit)
             for conn in conns:
                 conn.notify_sync(line)
-            if gate is None:
-                gate_of = getattr(unit, "background_gate", None)
-                gate = gate_of() if gate_of is not None else None
-        if gate is not None:
-            sockets_for(asyncio.get_running_loop()).hold_reading(gate)
+            told = unit
+        if told is not None:    # one gate for all: the agent's
+            self._hold_answers(told)
         if slow:
             done = await asyncio.gather(*(self.before_thaw(items[i][0]) for i in slow), return_exceptions=True)
             for i, res in zip(slow, done):
